@@ -1,0 +1,289 @@
+"""Known-answer tests of sosvae_lib.metrics and sosvae_lib.pca (issue 5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sosvae_lib import metrics as M
+from sosvae_lib import pca as P
+from sosvae_lib.distributions import DiagonalNormal, LowRankNormal
+
+torch.set_num_threads(1)
+
+
+def _ar1_field(n: int, h: int, w: int, phi_h: float, phi_v: float, gen: torch.Generator) -> torch.Tensor:
+    """Separable stationary AR(1) field, unit variance: corr(x[i, j], x[i+a, j+b]) = phi_v^|a| phi_h^|b|."""
+    x = torch.randn(n, 1, h, w, generator=gen, dtype=torch.float64)
+    for j in range(1, w):
+        x[..., j] = phi_h * x[..., j - 1] + math.sqrt(1 - phi_h ** 2) * x[..., j]
+    for i in range(1, h):
+        x[..., i, :] = phi_v * x[..., i - 1, :] + math.sqrt(1 - phi_v ** 2) * x[..., i, :]
+    return x
+
+
+# ------------------------------------------------------------------------------------------------- lag-1 correlation
+
+def test_lag1_white_noise_is_zero():
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(100, 3, 32, 32, generator=gen)
+    parts = M.lag1_correlation(noise, return_parts=True)
+    assert abs(parts["h"]) < 0.01 and abs(parts["v"]) < 0.01 and abs(parts["mean"]) < 0.01
+
+
+@pytest.mark.parametrize("phi", [0.3, 0.8])
+def test_lag1_ar1_field_gives_its_coefficient(phi):
+    gen = torch.Generator().manual_seed(1)
+    field = _ar1_field(100, 32, 32, phi, phi, gen)
+    assert M.lag1_correlation(field) == pytest.approx(phi, abs=0.02)
+    flat = field.reshape(100, -1)  # flattened input with the image shape gives the same number
+    assert M.lag1_correlation(flat, (1, 32, 32)) == pytest.approx(M.lag1_correlation(field), abs=1e-12)
+
+
+def test_lag1_anisotropic_parts():
+    gen = torch.Generator().manual_seed(2)
+    parts = M.lag1_correlation(_ar1_field(100, 32, 32, 0.5, 0.0, gen), return_parts=True)
+    assert parts["h"] == pytest.approx(0.5, abs=0.02)
+    assert parts["v"] == pytest.approx(0.0, abs=0.02)
+    assert parts["mean"] == pytest.approx(0.25, abs=0.02)
+
+
+def test_lag1_rejects_bad_shape():
+    with pytest.raises(ValueError, match="image_shape"):
+        M.lag1_correlation(torch.zeros(3, 10), (1, 3, 4))
+
+
+# ------------------------------------------------------------------------------------------------- span capture
+
+def test_span_capture_in_span_and_orthogonal():
+    gen = torch.Generator().manual_seed(3)
+    b, d, r = 4, 50, 5
+    factor = torch.randn(b, d, r, generator=gen, dtype=torch.float64)
+    inside = (factor @ torch.randn(b, r, 1, generator=gen, dtype=torch.float64)).squeeze(-1)
+    assert M.span_capture(inside, factor) == pytest.approx(1.0, abs=1e-10)
+    noise = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(factor)
+    orth = noise - (q @ (q.transpose(1, 2) @ noise.unsqueeze(-1))).squeeze(-1)
+    assert M.span_capture(orth, factor) == pytest.approx(0.0, abs=1e-10)
+    # Half the energy in the span, half outside → 0.5.
+    mixed = inside / inside.norm(dim=-1, keepdim=True) + orth / orth.norm(dim=-1, keepdim=True)
+    assert M.span_capture(mixed, factor) == pytest.approx(0.5, abs=1e-10)
+    # A shared [D, R] factor broadcasts over the batch.
+    assert M.span_capture(inside[:1], factor[0]) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_span_capture_rank_deficient_and_rank_zero():
+    gen = torch.Generator().manual_seed(4)
+    d = 30
+    factor = torch.randn(d, 3, generator=gen, dtype=torch.float64)
+    factor[:, 2] = 0.0  # a zero column does not add a direction to the span
+    noise = torch.randn(1, d, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(factor[:, :2])
+    orth = noise - (noise @ q) @ q.T
+    assert M.span_capture(orth, factor) == pytest.approx(0.0, abs=1e-10)
+    assert M.span_capture(noise, torch.zeros(d, 0, dtype=torch.float64)) == 0.0
+    # Random R-dimensional span of a random residual: R / D on average.
+    many = torch.randn(2000, d, generator=gen, dtype=torch.float64)
+    assert M.span_capture(many, factor[:, :2]) == pytest.approx(2 / d, rel=0.1)
+
+
+# ------------------------------------------------------------------------------------------------- principal angles
+
+def test_principal_angles():
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(20, 3, generator=gen, dtype=torch.float64)
+    mix = torch.randn(3, 3, generator=gen, dtype=torch.float64) + 3 * torch.eye(3, dtype=torch.float64)
+    assert M.span_angle_deg(a, a @ mix) == pytest.approx(0.0, abs=1e-5)
+    e = torch.eye(20, dtype=torch.float64)
+    theta = 30.0
+    b = torch.stack([e[0], math.cos(math.radians(theta)) * e[1] + math.sin(math.radians(theta)) * e[5]], 1)
+    ang = M.principal_angles_deg(e[:, :2], b)
+    assert ang.tolist() == pytest.approx([0.0, theta], abs=1e-5)
+    assert M.span_angle_deg(e[:, :2], e[:, 2:4]) == pytest.approx(90.0, abs=1e-6)
+    # A smaller span contained in a larger one: largest angle 0.
+    assert M.span_angle_deg(e[:, :1], e[:, :3]) == pytest.approx(0.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- bits per dim
+
+def test_bits_per_dim_of_known_gaussian():
+    assert M.bits_per_dim(0.0, 10) == pytest.approx(8.0)
+    d, sigma = 16, 0.05
+    loc = torch.rand(2, d, dtype=torch.float64)
+    dist = DiagonalNormal(loc, torch.full_like(loc, sigma ** 2))
+    expected = (0.5 * math.log(2 * math.pi * sigma ** 2) + math.log(256)) / math.log(2)
+    assert M.gaussian_bpd(dist, loc).tolist() == pytest.approx([expected] * 2, abs=1e-9)
+    # Low-rank covariance: matches the dense float64 log-density.
+    factor = 0.1 * torch.randn(d, 3, dtype=torch.float64)
+    lr = LowRankNormal(loc[0], factor, torch.full((d,), sigma ** 2, dtype=torch.float64))
+    x = torch.rand(d, dtype=torch.float64)
+    cov = factor @ factor.T + sigma ** 2 * torch.eye(d, dtype=torch.float64)
+    dense = torch.distributions.MultivariateNormal(loc[0], cov).log_prob(x)
+    assert float(M.gaussian_bpd(lr, x[None])) == pytest.approx(float((-dense + d * math.log(256)) / (d * math.log(2))),
+                                                                abs=1e-8)
+
+
+def test_dequantize_stays_in_one_bin():
+    x = torch.randint(0, 256, (1000,)).double() / 255
+    y = M.dequantize(x, torch.Generator().manual_seed(0))
+    assert ((y - x) >= 0).all() and ((y - x) < 1 / 256).all()
+    assert float((y - x).mean() * 256) == pytest.approx(0.5, abs=0.05)
+
+
+class _LinearGaussian:
+    """z ~ N(0, I_L), x | z ~ N(W z + b, σ² I) with orthogonal columns of W, so that the exact posterior is a
+    diagonal Normal; ``posterior_scale`` multiplies its standard deviation (1 = exact)."""
+
+    def __init__(self, d: int = 12, latent: int = 3, sigma: float = 0.3, posterior_scale: float = 1.0):
+        gen = torch.Generator().manual_seed(6)
+        q, _ = torch.linalg.qr(torch.randn(d, latent, generator=gen, dtype=torch.float64))
+        self.w = q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+        self.b = torch.randn(d, generator=gen, dtype=torch.float64)
+        self.sigma2 = sigma ** 2
+        self.posterior_scale = posterior_scale
+
+    def marginal(self) -> torch.distributions.MultivariateNormal:
+        cov = self.w @ self.w.T + self.sigma2 * torch.eye(self.w.shape[0], dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(self.b, cov)
+
+    def encode(self, x: torch.Tensor) -> torch.distributions.Normal:
+        prec = 1 + (self.w ** 2).sum(0) / self.sigma2  # diagonal because WᵀW is diagonal
+        mean = ((x.reshape(x.shape[0], -1) - self.b) @ self.w) / self.sigma2 / prec
+        return torch.distributions.Normal(mean, self.posterior_scale * prec.rsqrt().expand_as(mean))
+
+    def decode(self, z: torch.Tensor) -> DiagonalNormal:
+        loc = z @ self.w.T + self.b
+        return DiagonalNormal(loc, torch.full_like(loc, self.sigma2))
+
+
+def test_iwae_exact_with_exact_posterior_and_tightens_with_k():
+    model = _LinearGaussian()
+    x = model.marginal().sample((5,))
+    exact = model.marginal().log_prob(x)
+    out = M.iwae_log_likelihood(model, x, k=3, generator=torch.Generator().manual_seed(0))
+    # With the exact posterior every importance weight equals p(x): the bound is exact for any K.
+    assert out["log_likelihood"].tolist() == pytest.approx(exact.tolist(), abs=1e-8)
+    assert out["elbo"].tolist() == pytest.approx(exact.tolist(), abs=0.5)  # ELBO from 3 samples: noisy, exact mean
+    wrong = _LinearGaussian(posterior_scale=2.5)
+    lo = M.iwae_log_likelihood(wrong, x, k=1, generator=torch.Generator().manual_seed(1))["log_likelihood"]
+    hi = M.iwae_log_likelihood(wrong, x, k=256, generator=torch.Generator().manual_seed(1))["log_likelihood"]
+    assert float((exact - hi).mean()) < float((exact - lo).mean())
+    assert float((exact - hi).mean()) < 0.1
+    with pytest.raises(ValueError, match="k:"):
+        M.iwae_log_likelihood(model, x, k=0)
+
+
+# ------------------------------------------------------------------------------------------------- inpainting
+
+def _dense_conditional(loc, cov, obs, x):
+    o, h = obs.nonzero().squeeze(-1), (~obs).nonzero().squeeze(-1)
+    s_oo, s_ho, s_hh = cov[o][:, o], cov[h][:, o], cov[h][:, h]
+    mean_h = loc[h] + s_ho @ torch.linalg.solve(s_oo, x[o] - loc[o])
+    cov_h = s_hh - s_ho @ torch.linalg.solve(s_oo, s_ho.T)
+    return h, mean_h, torch.distributions.MultivariateNormal(mean_h, cov_h).log_prob(x[h])
+
+
+def test_inpaint_lowrank_equals_closed_form():
+    gen = torch.Generator().manual_seed(7)
+    shape, b, r = (1, 6, 6), 3, 3
+    d = 36
+    loc = torch.rand(b, d, generator=gen, dtype=torch.float64)
+    factor = 0.3 * torch.randn(b, d, r, generator=gen, dtype=torch.float64)
+    diag = 0.01 + 0.05 * torch.rand(b, d, generator=gen, dtype=torch.float64)
+    dist = LowRankNormal(loc, factor, diag)
+    x = dist.sample()
+    tops, lefts = torch.tensor([0, 2, 3]), torch.tensor([0, 1, 3])
+    mask = M.patch_masks(shape, tops, lefts, size=3)
+    assert mask.sum(-1).tolist() == [9, 9, 9]
+    assert mask[1].reshape(6, 6)[2:5, 1:4].all()
+    out = M.inpaint(dist, x, mask)
+    for i in range(b):
+        cov = factor[i] @ factor[i].T + torch.diag(diag[i])
+        h, mean_h, logp = _dense_conditional(loc[i], cov, mask[i], x[i])
+        assert torch.allclose(out.cond_mean[i, h], mean_h, atol=1e-8)
+        assert float(out.hidden_nll[i]) == pytest.approx(float(-logp), abs=1e-6)
+        assert float(out.sq_err_cond[i]) == pytest.approx(float(((x[i, h] - mean_h) ** 2).sum()), abs=1e-8)
+        assert float(out.sq_err_uncond[i]) == pytest.approx(float(((x[i, h] - loc[i, h]) ** 2).sum()), abs=1e-10)
+    assert out.num_hidden.tolist() == [27, 27, 27]
+
+
+def test_inpaint_diagonal_leaves_hidden_mean():
+    gen = torch.Generator().manual_seed(8)
+    loc = torch.rand(2, 16, generator=gen, dtype=torch.float64)
+    var = 0.01 + torch.rand(2, 16, generator=gen, dtype=torch.float64)
+    dist = DiagonalNormal(loc, var)
+    x = torch.rand(2, 16, generator=gen, dtype=torch.float64)
+    mask = M.patch_masks((1, 4, 4), torch.tensor([0, 1]), torch.tensor([1, 2]), size=2)
+    out = M.inpaint(dist, x, mask)
+    hidden = ~mask
+    assert torch.equal(out.cond_mean[hidden], loc[hidden])
+    per_pixel = -torch.distributions.Normal(loc, var.sqrt()).log_prob(x)
+    assert out.hidden_nll.tolist() == pytest.approx((per_pixel * hidden).sum(-1).tolist(), abs=1e-10)
+    assert torch.equal(out.sq_err_cond, out.sq_err_uncond)
+
+
+def test_most_uncertain_patch_and_random_corners():
+    var = torch.full((2, 2 * 20 * 20), 0.1)
+    grid = var.reshape(2, 2, 20, 20)
+    grid[0, 1, 5:10, 12:17] = 5.0
+    grid[1, 0, 15:20, 0:5] = 5.0
+    tops, lefts = M.most_uncertain_patch(var, (2, 20, 20), size=5)
+    assert tops.tolist() == [5, 15] and lefts.tolist() == [12, 0]
+    t, l = M.random_patch_corners(500, (1, 20, 30), size=10, generator=torch.Generator().manual_seed(0))
+    assert int(t.min()) == 0 and int(t.max()) == 10 and int(l.max()) == 20
+    with pytest.raises(ValueError, match="size"):
+        M.patch_masks((1, 8, 8), t[:1], l[:1], size=10)
+
+
+# ------------------------------------------------------------------------------------------------- spectrum
+
+def test_spectrum_white_noise():
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(200, 1, 32, 32, generator=gen, dtype=torch.float64)
+    b = 2 * torch.randn(200, 1, 32, 32, generator=gen, dtype=torch.float64)
+    spec = M.radial_log_power_spectrum(a)
+    assert spec.shape == (17,)
+    assert spec[1:].abs().max() < 0.05  # flat at log10(σ²) = 0
+    assert M.spectrum_distance(a, b) == pytest.approx(math.log10(4), abs=0.03)
+    assert M.spectrum_distance(a, a) == 0.0
+    # A smooth field has less high-frequency power than white noise of the same variance.
+    smooth = _ar1_field(200, 32, 32, 0.9, 0.9, gen)
+    s = M.radial_log_power_spectrum(smooth)
+    assert s[1] > spec[1] + 0.5 and s[-1] < spec[-1] - 0.5
+
+
+# ------------------------------------------------------------------------------------------------- PCA baseline
+
+@pytest.mark.parametrize("n", [60, 3000])  # N < D (Gram matrix) and N > D (covariance)
+def test_pca_recovers_planted_subspace(n):
+    gen = torch.Generator().manual_seed(10)
+    d, r, sigma = 80, 4, 0.05
+    basis, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
+    scales = torch.tensor([3.0, 2.0, 1.5, 1.0], dtype=torch.float64)
+    x = (torch.randn(n, r, generator=gen, dtype=torch.float64) * scales) @ basis.T
+    x = x + sigma * torch.randn(n, d, generator=gen, dtype=torch.float64) + 0.5
+    fit = P.fit_pca(x, r)
+    assert M.span_angle_deg(fit.components, basis) < 3.0
+    assert fit.noise_var == pytest.approx(sigma ** 2, rel=0.15)
+    assert fit.eigenvalues.tolist() == pytest.approx((scales ** 2 + sigma ** 2).tolist(), rel=0.35)
+    assert fit.explained_variance_ratio > 0.95
+    dist = fit.distribution(2, dtype=torch.float64)
+    assert dist.batch_shape == (2,) and dist.cov_factor.shape == (2, d, r)
+    cov = fit.factor @ fit.factor.T + fit.noise_var * torch.eye(d, dtype=torch.float64)
+    dense = torch.distributions.MultivariateNormal(fit.mean, cov).log_prob(x[:2])
+    assert torch.allclose(dist.log_prob(x[:2]), dense, atol=1e-6)
+
+
+def test_pca_randomised_matches_exact(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, 40, generator=gen, dtype=torch.float64)
+    x = x + 0.01 * torch.randn(300, 40, generator=gen, dtype=torch.float64)
+    exact = P.fit_pca(x, 5)
+    monkeypatch.setattr(P, "_EXACT_LIMIT", 10)
+    approx = P.fit_pca(x, 5)
+    assert M.span_angle_deg(exact.components, approx.components) < 0.1
+    assert approx.noise_var == pytest.approx(exact.noise_var, rel=1e-3)
+    with pytest.raises(ValueError, match="rank"):
+        P.fit_pca(x, 40)
