@@ -1,0 +1,221 @@
+"""Run configuration for SOS-VAE training (Langley et al., "Structured Uncertainty in the Observation Space of
+Variational Autoencoders", TMLR 2022).
+
+`TrainConfig` is a frozen dataclass, validated when it is built: every bad value raises one `ValueError` whose
+message starts with the field's name and states the allowed values. Three presets give the scales used across
+the project:
+
+- ``smoke``: seconds on a CPU, for tests (16×16 images, a tiny trunk, one epoch on 32 images).
+- ``cpu``: a faithful reduced scale that trains on 2 CPU cores in a few minutes per run (narrow ResNet with
+  widths 16…64, latent 32, rank 25, the paper's constrained objective with a reachable KL target).
+- ``paper``: CelebA at 218×178 RGB, latent 128, rank 25, batch 25, Adam 1e-4, widths 64…512, target KL 45
+  (the authors' code defaults, METHOD.md §4–5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+HEADS = ("lowrank", "lowrank-diag", "diagonal")
+PRESETS = ("smoke", "cpu", "paper")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Channel counts of the datasets whose shape is known without loading them (used to reject rank >= D early;
+# the model re-checks against the real image shape for every dataset).
+_KNOWN_CHANNELS = {"orl": 1, "fashion-mnist": 1, "celeba": 3}
+
+
+def _fail(field: str, message: str) -> None:
+    raise ValueError(f"{field}: {message}")
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(name, f"must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False,
+                 allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and positive and value <= 0:
+        ok = False
+    if ok and nonnegative and value < 0:
+        ok = False
+    if not ok:
+        what = "a finite number" + (" > 0" if positive else " >= 0" if nonnegative else "")
+        _fail(name, f"must be {what}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def image_hw(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """(H, W) from an ``image_size`` given as an int (square), a pair, or None (dataset default)."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return (int(image_size[0]), int(image_size[1]))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Build with `TrainConfig(...)` or `TrainConfig.preset(name, ...)`.
+
+    Data: ``dataset`` (a name of `sosvae_lib.data.DATASETS`), ``root`` (data folder or None), ``image_size``
+    (int, (H, W) or None for the dataset's default), ``max_items`` (deterministic train subset size or None),
+    ``augment`` (None = dataset default), ``dequantize`` (add U(0, 1/256) noise to training images, the usual
+    convention for a continuous density on 8-bit data).
+
+    Model: ``head`` in ``HEADS``; ``rank`` R of the covariance factor (ignored by ``diagonal``); ``latent`` size;
+    ``width`` (channels of the full-resolution stage; each of ``levels`` stride-2 stages doubles it, capped at
+    ``max_width``); ``eps`` the fixed diagonal of ``lowrank`` and the variance floor of the learned-diagonal
+    heads; ``init_var`` the initial variance of the learned-diagonal heads.
+
+    Objective (METHOD.md §4): ``target_kl`` T per image, ``damping`` c, ``lambda_lr`` η, ``lambda_init`` λ₀;
+    ``entropy_target`` (nats per image, or None) adds a second damped constraint on the entropy of p(x|z);
+    ``beta`` (or None) replaces the constrained objective by the β-ELBO NLL + β·KL; ``pretrain_epochs`` freezes the
+    observation-noise head (P and d) for the first epochs.
+
+    Optimisation: ``epochs``, ``batch_size`` (per process), ``lr`` (Adam), ``seed``, ``device`` in ``DEVICES``,
+    ``num_workers`` of the data loader.
+    """
+
+    dataset: str = "orl"
+    root: str | None = None
+    image_size: int | tuple[int, int] | None = None
+    max_items: int | None = None
+    augment: bool | None = None
+    dequantize: bool = True
+
+    head: str = "lowrank"
+    rank: int = 25
+    latent: int = 32
+    width: int = 16
+    levels: int = 3
+    max_width: int = 512
+    eps: float = 1e-5
+    init_var: float = 0.01
+
+    epochs: int = 60
+    batch_size: int = 25
+    lr: float = 1e-3
+    target_kl: float = 30.0
+    damping: float = 10.0
+    lambda_lr: float = 1.0
+    lambda_init: float = 0.0
+    entropy_target: float | None = None
+    beta: float | None = None
+    pretrain_epochs: int = 0
+
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            _fail("dataset", f"must be a dataset name such as 'orl', 'fashion-mnist', 'celeba', got {self.dataset!r}")
+        if self.root is not None and not isinstance(self.root, str):
+            _fail("root", f"must be a path string or None, got {self.root!r}")
+        size = self.image_size
+        if isinstance(size, list):  # JSON round trip gives lists
+            object.__setattr__(self, "image_size", tuple(size))
+            size = self.image_size
+        if size is not None:
+            pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+            if (not isinstance(pair, tuple) or len(pair) != 2
+                    or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in pair)):
+                _fail("image_size", f"must be a positive int, a pair (H, W) of positive ints, or None, got {size!r}")
+        _check_int("max_items", self.max_items, 1, allow_none=True)
+        if self.augment is not None and not isinstance(self.augment, bool):
+            _fail("augment", f"must be True, False or None, got {self.augment!r}")
+        if not isinstance(self.dequantize, bool):
+            _fail("dequantize", f"must be True or False, got {self.dequantize!r}")
+
+        if self.head not in HEADS:
+            _fail("head", f"must be one of {', '.join(HEADS)}, got {self.head!r}")
+        _check_int("rank", self.rank, 1)
+        _check_int("latent", self.latent, 1)
+        _check_int("width", self.width, 1)
+        _check_int("levels", self.levels, 1)
+        _check_int("max_width", self.max_width, 1)
+        _check_float("eps", self.eps, positive=True)
+        _check_float("init_var", self.init_var, positive=True)
+        if self.init_var <= self.eps:
+            _fail("init_var", f"must be larger than eps={self.eps}, got {self.init_var}")
+
+        _check_int("epochs", self.epochs, 0)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_float("lr", self.lr, positive=True)
+        _check_float("target_kl", self.target_kl, positive=True)
+        _check_float("damping", self.damping, nonnegative=True)
+        _check_float("lambda_lr", self.lambda_lr, nonnegative=True)
+        _check_float("lambda_init", self.lambda_init, nonnegative=True)
+        _check_float("entropy_target", self.entropy_target, allow_none=True)
+        _check_float("beta", self.beta, positive=True, allow_none=True)
+        _check_int("pretrain_epochs", self.pretrain_epochs, 0)
+        if self.pretrain_epochs > self.epochs:
+            _fail("pretrain_epochs", f"must be <= epochs={self.epochs}, got {self.pretrain_epochs}")
+
+        _check_int("seed", self.seed, 0)
+        if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
+            _fail("device", f"must be one of {', '.join(DEVICES)} or 'cuda:N', got {self.device!r}")
+        _check_int("num_workers", self.num_workers, 0)
+
+        hw = image_hw(self.image_size)
+        if hw is not None:
+            need = 2 ** self.levels
+            if min(hw) < need:
+                _fail("image_size", f"{hw[0]}x{hw[1]} is too small for a trunk with levels={self.levels} "
+                                    f"(needs at least {need} pixels per side); use a larger image_size or fewer levels")
+            channels = _KNOWN_CHANNELS.get(self.dataset)
+            if channels is not None and self.head != "diagonal":
+                check_rank(self.rank, channels * hw[0] * hw[1])
+
+    # -- presets and (de)serialisation --------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        """The named preset (``smoke`` | ``cpu`` | ``paper``) with keyword overrides applied."""
+        if name not in PRESETS:
+            _fail("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            _fail(unknown[0], f"is not a TrainConfig field (fields: {', '.join(f.name for f in dataclasses.fields(cls))})")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["image_size"], tuple):
+            d["image_size"] = list(d["image_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            _fail(unknown[0], "is not a TrainConfig field")
+        return cls(**d)
+
+
+def check_rank(rank: int, dim: int) -> None:
+    """Raise unless 1 <= rank < dim (a rank-D factor would make the diagonal pointless and K as large as Σ)."""
+    if not 1 <= rank < dim:
+        _fail("rank", f"must satisfy 1 <= rank < D = C*H*W = {dim}, got {rank}")
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(image_size=16, max_items=32, width=4, levels=2, latent=4, rank=2, epochs=1, batch_size=8,
+                  lr=1e-3, target_kl=5.0),
+    "cpu": dict(width=16, levels=3, latent=32, rank=25, epochs=60, batch_size=25, lr=1e-3, target_kl=30.0),
+    "paper": dict(dataset="celeba", image_size=(218, 178), augment=True, width=64, levels=4, latent=128, rank=25,
+                  epochs=100, batch_size=25, lr=1e-4, target_kl=45.0),
+}
