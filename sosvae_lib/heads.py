@@ -60,7 +60,8 @@ class LowRankHead(nn.Module):
             params += list(self.diag_conv.parameters())
         return params
 
-    def forward(self, h: torch.Tensor) -> LowRankNormal:
+    def distribution_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features [B, F, H, W] → (loc [B, D], cov_factor [B, D, R], cov_diag: scalar ε or [B, D])."""
         b = h.shape[0]
         loc = self.mean_conv(h).reshape(b, -1)
         # [B, R·C, H, W] → [B, R, D] → [B, D, R]: a transposed view, so Pᵀ is contiguous for the R×D GEMMs.
@@ -69,7 +70,10 @@ class LowRankHead(nn.Module):
             diag = self.fixed_diag
         else:
             diag = F.softplus(self.diag_conv(h)).reshape(b, -1) + self.eps
-        return LowRankNormal(loc, factor, diag)
+        return loc, factor, diag
+
+    def forward(self, h: torch.Tensor) -> LowRankNormal:
+        return LowRankNormal(*self.distribution_params(h))
 
 
 class DiagonalHead(nn.Module):
@@ -84,11 +88,13 @@ class DiagonalHead(nn.Module):
     def noise_parameters(self) -> list[nn.Parameter]:
         return list(self.diag_conv.parameters())
 
-    def forward(self, h: torch.Tensor) -> DiagonalNormal:
+    def distribution_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [B, F, H, W] → (loc [B, D], cov_diag [B, D])."""
         b = h.shape[0]
-        loc = self.mean_conv(h).reshape(b, -1)
-        diag = F.softplus(self.diag_conv(h)).reshape(b, -1) + self.eps
-        return DiagonalNormal(loc, diag)
+        return self.mean_conv(h).reshape(b, -1), F.softplus(self.diag_conv(h)).reshape(b, -1) + self.eps
+
+    def forward(self, h: torch.Tensor) -> DiagonalNormal:
+        return DiagonalNormal(*self.distribution_params(h))
 
 
 def make_head(name: str, features: int, channels: int, rank: int, eps: float = 1e-5,

@@ -1,0 +1,163 @@
+"""The SOS-VAE trainer (Langley et al., TMLR 2022): the constrained objective reaches its KL target, runs resume
+bit for bit, non-finite numbers stop a run cleanly, two gloo processes end with identical weights, the command
+line and the run directory."""
+
+import csv
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sosvae_lib import train as train_mod
+from sosvae_lib.checkpoint import load_checkpoint, load_run
+from sosvae_lib.config import TrainConfig
+from sosvae_lib.train import train, weights_digest
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+DATASET = "orl"
+
+
+def smoke(**kw) -> TrainConfig:
+    return TrainConfig.preset("smoke", dataset=DATASET, device="cpu", **kw)
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_directory_layout_and_load_run(tmp_path):
+    summary = train(smoke(epochs=2), tmp_path, progress=False)
+    for name in ("config.json", "checkpoint.pt", "metrics.csv", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tb").iterdir())
+    ck = load_checkpoint(tmp_path)
+    assert {"model", "optimizer", "lambda", "rng", "epoch", "config"} <= set(ck)
+    assert ck["epoch"] == 2 and ck["lambda"] >= 0
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"epoch", "nll", "kl", "target_kl", "lambda", "seconds"} <= set(rows[0])
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["complete"] is True and saved["epochs"] == 2 and saved["train_seconds"] > 0
+    model, config = load_run(tmp_path)
+    assert not model.training and config == smoke(epochs=2)
+    assert weights_digest(model) == summary["weights_sha256"]
+    with pytest.raises(FileExistsError, match="resume"):
+        train(smoke(epochs=2), tmp_path, progress=False)
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    cfg = smoke(epochs=3, max_items=24, batch_size=5)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    train(cfg.replace(epochs=1), tmp_path / "split", progress=False)
+    resumed = train(cfg, tmp_path / "split", resume=True, progress=False)
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["lambda"] == b["lambda"]
+    rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    with pytest.raises(ValueError, match="^head"):
+        train(cfg.replace(head="diagonal", epochs=4), tmp_path / "split", resume=True, progress=False)
+
+
+def test_injected_nan_stops_with_message_and_keeps_checkpoint(tmp_path, monkeypatch):
+    cfg = smoke(epochs=1, max_items=24, batch_size=4)
+    train(cfg, tmp_path, progress=False)
+    before = _file_hash(tmp_path / "checkpoint.pt")
+    calls = {"n": 0}
+    original = train_mod._LossTerms.forward
+
+    def poisoned(self, x):
+        calls["n"] += 1
+        nll, kl = original(self, x)
+        if calls["n"] == 3:
+            nll = nll * float("nan")
+        return nll, kl
+
+    monkeypatch.setattr(train_mod._LossTerms, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 2, batch 3"):
+        train(cfg.replace(epochs=3), tmp_path, resume=True, progress=False)
+    assert _file_hash(tmp_path / "checkpoint.pt") == before
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+
+
+def test_mean_pretraining_freezes_the_covariance_head(tmp_path):
+    train(smoke(epochs=1, pretrain_epochs=1, head="lowrank-diag"), tmp_path, progress=False)
+    torch.manual_seed(0)
+    fresh = train_mod.build_model(smoke(head="lowrank-diag"), (1, 16, 16))
+    trained, _ = load_run(tmp_path)
+    for name in ("factor_conv", "diag_conv"):
+        assert torch.equal(getattr(fresh.head, name).weight, getattr(trained.head, name).weight)
+    assert not torch.equal(fresh.head.mean_conv.weight, trained.head.mean_conv.weight)
+
+
+def test_lagrangian_holds_kl_at_target(tmp_path):
+    cfg = smoke(epochs=40, max_items=64, batch_size=16, latent=8, rank=4, target_kl=8.0, lr=2e-3)
+    summary = train(cfg, tmp_path, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    kl_last = sum(float(r["kl"]) for r in rows[-3:]) / 3
+    assert abs(kl_last - 8.0) / 8.0 < 0.05, kl_last
+    assert summary["final"]["lambda"] >= 0
+    first, last = float(rows[0]["nll"]), float(rows[-1]["nll"])
+    assert last < first
+
+
+def test_beta_elbo_option_trains(tmp_path):
+    s = train(smoke(beta=1.0, head="diagonal"), tmp_path, progress=False)
+    assert s["final"]["lambda"] == 0.0 and s["final"]["nll"] == s["final"]["nll"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    summary = train(smoke(epochs=2, max_items=24, batch_size=4), out, progress=False)
+    Path(result_dir, f"rank{rank}.json").write_text(json.dumps(summary))
+
+
+def test_two_process_gloo_run_ends_with_identical_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    out, res = tmp_path / "run", tmp_path / "res"
+    res.mkdir()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out), str(res)), nprocs=2, join=True,
+                       start_method="spawn")
+    r0, r1 = (json.loads((res / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["weights_sha256"] == r1["weights_sha256"]
+    model, _ = load_run(out)
+    assert weights_digest(model) == r0["weights_sha256"]
+    # each process saw half of the 24 images per epoch; the rows count all of them
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["images"]) for r in rows] == [24, 24]
+
+
+def test_command_line(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run([sys.executable, "-m", "sosvae_lib.train", "--config", "smoke", "--dataset", DATASET,
+                         "--head", "diagonal", "--epochs", "1", "--image-size", "16", "--out", str(tmp_path / "r"),
+                         "--device", "cpu", "--no-progress"], capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "done: 1 epochs" in ok.stdout
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["head"] == "diagonal" and cfg["image_size"] == 16
+    bad = subprocess.run([sys.executable, "-m", "sosvae_lib.train", "--config", "smoke", "--rank", "0",
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert bad.returncode != 0 and "rank: must be an integer >= 1" in bad.stderr
+    assert not (tmp_path / "bad").exists()
