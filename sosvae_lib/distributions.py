@@ -1,0 +1,797 @@
+"""Gaussian observation models over a whole flattened image.
+
+SOS-VAE (J. Langley, M. Monteiro, C. Jones, N. Pawlowski, B. Glocker, "Structured Uncertainty in the
+Observation Space of Variational Autoencoders", TMLR 2022, arXiv 2205.12533) decodes z into
+
+    p(x | z) = N(μ, P Pᵀ + diag(d)),   x, μ, d ∈ R^D,  P ∈ R^{D×R},
+
+over D = C·H·W pixels (flattened channel-first). This module holds that distribution (`LowRankNormal`)
+and the pixel-wise independent baseline (`DiagonalNormal`), both `torch.distributions.Distribution`
+subclasses with one interface: log_prob, entropy, rsample with caller-fixed noises (`from_noise`),
+per-pixel variances, covariance rows, and Gaussian conditioning on observed pixels (`condition`).
+
+All linear algebra works on the R×R "capacitance" K = I + AᵀA with A = d^{-1/2} ⊙ P (rows scaled);
+nothing of size D×D (or m×m for m observed pixels) is ever formed, and only Cholesky factorisations are
+used (batched LU inverse/solve was seen to fail in oneMKL on this project's CPUs). The R×R algebra runs
+in float64 whatever the input dtype: it is tiny and it keeps float32 results close to float64 ones.
+
+Each identity lives in one private function below whose docstring states it:
+- `_capacitance_cholesky`: K = I + AᵀA = L Lᵀ (with one jitter retry);
+- `_logdet_from_cholesky`: matrix determinant lemma, log|PPᵀ + diag d| = Σ log d_i + 2 Σ log L_jj;
+- `_LowRankTerms`: sum-of-squares Mahalanobis form and its analytic gradients;
+- `_condition_lowrank`: the Schur complement of the observed block, again low-rank plus diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch.distributions import Distribution, constraints
+
+__all__ = ["LowRankNormal", "DiagonalNormal", "DENSE_COVARIANCE_LIMIT"]
+
+DENSE_COVARIANCE_LIMIT = 8192
+"""Largest D for which `covariance_matrix` builds the dense D×D matrix (8192² float32 = 256 MiB)."""
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument handling
+# ----------------------------------------------------------------------------------------------------
+def _as_tensor(value, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        t = value
+    elif isinstance(value, (int, float)):
+        t = torch.tensor(float(value), dtype=like.dtype if like is not None else torch.get_default_dtype(),
+                         device=like.device if like is not None else None)
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or a float, got {type(value).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got dtype {t.dtype}")
+    return t
+
+
+def _bad_items(bad: torch.Tensor, batch_shape: torch.Size) -> str:
+    """Describe which batch items are flagged by `bad` (bool, batch_shape) in an error message."""
+    if len(batch_shape) == 0:
+        return "the (unbatched) distribution"
+    idx = bad.nonzero().tolist()
+    shown = [tuple(i) if len(i) > 1 else i[0] for i in idx[:10]]
+    more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
+    return f"batch items {shown}{more} (batch_shape {tuple(batch_shape)})"
+
+
+def _nonfinite_items(t: torch.Tensor, batch_shape: torch.Size, event_dims: int) -> torch.Tensor:
+    """bool [batch_shape]: True where t (broadcast to batch_shape + its event dims) has NaN/Inf."""
+    bad = ~torch.isfinite(t)
+    if event_dims:
+        bad = bad.flatten(-event_dims).any(-1) if bad.dim() >= event_dims else bad.any()
+    return bad.expand(batch_shape) if bad.dim() <= len(batch_shape) else bad.reshape(-1, *batch_shape).any(0)
+
+
+def _check_values(t: torch.Tensor, name: str, owner: str, batch_shape: torch.Size, event_dims: int,
+                  positive: bool = False) -> None:
+    """Raise one clear ValueError when t has NaN/Inf (or, if positive, entries ≤ 0)."""
+    bad = _nonfinite_items(t, batch_shape, event_dims)
+    if bool(bad.any()):
+        raise ValueError(f"{owner}: {name} has NaN or Inf entries at {_bad_items(bad, batch_shape)}")
+    if positive:
+        nonpos = t <= 0
+        if event_dims and nonpos.dim() >= event_dims:
+            nonpos = nonpos.flatten(-event_dims).any(-1)
+        elif event_dims:
+            nonpos = nonpos.any()
+        nonpos = nonpos.expand(batch_shape) if nonpos.dim() <= len(batch_shape) else \
+            nonpos.reshape(-1, *batch_shape).any(0)
+        if bool(nonpos.any()):
+            raise ValueError(f"{owner}: {name} must be > 0 (variances), got entries ≤ 0 at "
+                             f"{_bad_items(nonpos, batch_shape)}")
+
+
+def _flat_batch(t: torch.Tensor, batch_shape: torch.Size, event: Sequence[int]) -> torch.Tensor:
+    """Expand t to batch_shape + event and view it as [N, *event] (copies only if broadcasting)."""
+    t = t.expand(*batch_shape, *event)
+    return t.reshape(-1, *event)
+
+
+def _value_columns(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str):
+    """Arrange a value [*sample, *batch, D] as columns [N, D, S] (N = prod(batch), S = prod(sample)).
+
+    Extra leading dims become columns of one matrix so that many values under one distribution share one
+    pass over the factor (e.g. a single PCA distribution scoring a whole data batch).
+    Returns (columns, full_shape) where full_shape = sample + batch.
+    """
+    if value.dim() < 1 or value.shape[-1] != D:
+        raise ValueError(f"{owner}: value must have shape [..., {D}] (event size D={D}), got {tuple(value.shape)}")
+    try:
+        full = torch.broadcast_shapes(value.shape[:-1], batch_shape)
+    except RuntimeError:
+        raise ValueError(f"{owner}: value shape {tuple(value.shape)} does not broadcast with batch_shape "
+                         f"{tuple(batch_shape)} + ({D},)") from None
+    n_sample = len(full) - len(batch_shape)
+    if tuple(full[n_sample:]) != tuple(batch_shape):
+        raise ValueError(f"{owner}: value shape {tuple(value.shape)} would enlarge batch_shape "
+                         f"{tuple(batch_shape)}; expand the distribution first")
+    v = value.expand(*full, D).reshape(-1, max(1, math.prod(batch_shape)), D)  # [S, N, D]
+    return v.permute(1, 2, 0), full
+
+
+# ----------------------------------------------------------------------------------------------------
+# the identities
+# ----------------------------------------------------------------------------------------------------
+def _capacitance_cholesky(gram: torch.Tensor, owner: str, batch_shape: torch.Size) -> torch.Tensor:
+    """Cholesky factor L (float64, lower) of the capacitance K = I_R + AᵀA = L Lᵀ.
+
+    gram: AᵀA [N, R, R] (any float dtype). K ⪰ I in exact arithmetic; rounding in a float32 Gram of a
+    huge factor can still make it numerically indefinite, so failed items are retried once with a jitter
+    of 1e-10·max(diag K); if that also fails a RuntimeError names the batch items.
+    """
+    K = gram.to(torch.float64)
+    K = K + torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    L, info = torch.linalg.cholesky_ex(K)
+    failed = info != 0
+    if bool(failed.any()):
+        jitter = 1e-10 * K.diagonal(dim1=-2, dim2=-1).amax(-1)
+        K2 = K + torch.diag_embed(jitter[:, None].expand(-1, K.shape[-1])) * failed[:, None, None]
+        L, info = torch.linalg.cholesky_ex(K2)
+        if bool((info != 0).any()):
+            bad = (info != 0).reshape(batch_shape) if len(batch_shape) else (info != 0).any()
+            raise RuntimeError(f"{owner}: Cholesky of the R×R capacitance I + AᵀA failed even with jitter at "
+                               f"{_bad_items(bad, batch_shape)}; the factor is too large for its dtype")
+    return L
+
+
+def _logdet_from_cholesky(L: torch.Tensor, log_diag_sum: torch.Tensor) -> torch.Tensor:
+    """Matrix determinant lemma: log|P Pᵀ + diag d| = Σ_i log d_i + log|K| = Σ_i log d_i + 2 Σ_j log L_jj.
+
+    L: [N, R, R] Cholesky of K = I + AᵀA; log_diag_sum: [N] (or scalar) Σ_i log d_i. Returns [N] float64.
+    """
+    return log_diag_sum.to(torch.float64) + 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def _log_diag_sum(diag: torch.Tensor, N: int, D: int) -> torch.Tensor:
+    """Σ_i log d_i accumulated in float64 ([N]); diag is a scalar tensor or [N, D]."""
+    if diag.dim() == 0:
+        return (D * torch.log(diag.detach().to(torch.float64))).expand(N)
+    return diag.log().sum(-1, dtype=torch.float64)
+
+
+class _LowRankTerms(torch.autograd.Function):
+    """Mahalanobis terms and log-determinant of N(loc, P Pᵀ + diag d), with an analytic backward.
+
+    With A = d^{-1/2} ⊙ P, y = d^{-1/2} ⊙ (x − loc), K = I + AᵀA = L Lᵀ and z = K⁻¹ Aᵀ y:
+
+        (x − loc)ᵀ Σ⁻¹ (x − loc) = ‖y − A z‖² + ‖z‖²     (sum of squares: no cancellation when d is tiny)
+        log|Σ| = Σ log d_i + 2 Σ log L_jj                 (matrix determinant lemma)
+
+    Gradients (w = Σ⁻¹(x − loc) = d^{-1/2} ⊙ (y − A z), and Pᵀw = z):
+        ∂maha/∂x = 2w,  ∂maha/∂P = −2 w zᵀ,  ∂maha/∂d_i = −w_i²,
+        ∂logdet/∂P = 2 Σ⁻¹P = 2 d^{-1/2} ⊙ (A K⁻¹),  ∂logdet/∂d_i = (1 − a_iᵀK⁻¹a_i)/d_i,
+        and for a scalar d: Σ_i (1 − a_iᵀK⁻¹a_i) = D − R + tr K⁻¹.
+
+    Inputs: loc [N, D], factor [N, D, R], diag [] (scalar) or [N, D], value [N, D, S] or None (S = 0).
+    Outputs: maha [N, S], logdet [N] (float64, so that their sum keeps float32 inputs accurate),
+    L [N, R, R] float64 (not differentiable). batch_shape only names batch items in error messages.
+    The factor is read once for the Gram matrix of [A | Y] (which gives K and AᵀY together), once for the
+    residual Y − A Z, and once in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, loc, factor, diag, value, batch_shape):
+        N, D, R = factor.shape
+        S = 0 if value is None else value.shape[-1]
+        scalar = diag.dim() == 0
+        dtype = factor.dtype
+        rs = diag.rsqrt()
+        # M = [A | Y] for a per-pixel diagonal, [P | x − loc] (scaled in the R×R domain) for a scalar one.
+        M = factor.new_empty(N, D, R + S)
+        if scalar:
+            M[..., :R].copy_(factor)
+            if S:
+                torch.sub(value, loc.unsqueeze(-1), out=M[..., R:])
+        else:
+            torch.mul(factor, rs.unsqueeze(-1), out=M[..., :R])
+            if S:
+                torch.mul(value - loc.unsqueeze(-1), rs.unsqueeze(-1), out=M[..., R:])
+        gram = torch.bmm(M.mT, M)  # [N, R+S, R+S]
+        if not bool(torch.isfinite(gram).all()):
+            raise _NonFinite()
+        g64 = gram.to(torch.float64)
+        if scalar:
+            inv_d = 1.0 / diag.detach().to(torch.float64)
+            gAA = g64[:, :R, :R] * inv_d
+            AtY = g64[:, :R, R:] * inv_d
+        else:
+            gAA = g64[:, :R, :R]
+            AtY = g64[:, :R, R:]
+        L = _capacitance_cholesky(gAA, "LowRankNormal", batch_shape)
+        logdet = _logdet_from_cholesky(L, _log_diag_sum(diag, N, D))
+        if S:
+            Z = torch.cholesky_solve(AtY, L)  # [N, R, S] float64
+            Zc = Z.to(dtype)
+            # residual in whitened units: Y − A Z
+            if scalar:
+                res = torch.baddbmm(M[..., R:], M[..., :R], Zc, alpha=-1.0) * rs
+            else:
+                res = torch.baddbmm(M[..., R:], M[..., :R], Zc, alpha=-1.0)
+            maha = res.square().sum(1, dtype=torch.float64) + Z.square().sum(1)
+        else:
+            Z = res = None
+            maha = logdet.new_zeros(N, 0)
+        ctx.save_for_backward(M, diag, L, Z, res)
+        ctx.scalar, ctx.S, ctx.R = scalar, S, R
+        ctx.mark_non_differentiable(L)
+        return maha, logdet, L
+
+    @staticmethod
+    def backward(ctx, g_maha, g_logdet, _g_L):
+        M, diag, L, Z, res = ctx.saved_tensors
+        scalar, S, R = ctx.scalar, ctx.S, ctx.R
+        N, D, _ = M.shape
+        dtype = M.dtype
+        need_loc, need_P, need_d, need_x, _ = ctx.needs_input_grad
+        rs = diag.rsqrt()
+        g_l = torch.zeros(N, dtype=torch.float64, device=M.device) if g_logdet is None else g_logdet.to(torch.float64)
+        g_m = None
+        if S:
+            g_m = torch.zeros(N, S, dtype=torch.float64, device=M.device) if g_maha is None else g_maha.to(torch.float64)
+        grad_loc = grad_P = grad_d = grad_x = None
+
+        if S and (need_loc or need_x or (need_d and not scalar)):
+            w = res * rs.unsqueeze(-1) if not scalar else res * rs  # Σ⁻¹(x − loc), [N, D, S]
+        if S and (need_loc or need_x):
+            gx = w * (2.0 * g_m).to(dtype).unsqueeze(1)
+            grad_x = gx if need_x else None
+            grad_loc = -gx.sum(-1) if need_loc else None
+
+        Kinv = torch.cholesky_inverse(L)  # [N, R, R] float64, R×R only
+        if need_P:
+            # ∂/∂P = 2 d^{-1/2} ⊙ (A C1 + Y C2), C1 = g_l K⁻¹ + Z diag(g_m) Zᵀ, C2 = −diag(g_m) Zᵀ
+            C1 = g_l[:, None, None] * Kinv
+            if S:
+                C1 = C1 + (Z * g_m[:, None, :]) @ Z.mT
+                C2 = -(g_m.unsqueeze(-1) * Z.mT)  # [N, S, R]
+                C = torch.cat([C1, C2], dim=1)
+            else:
+                C = C1
+            if scalar:
+                # M = [P | x − loc]: A = P d^{-1/2}, Y = (x − loc) d^{-1/2}
+                # M = [P | x − loc]: A = P d^{-1/2}, Y = (x − loc) d^{-1/2}, so both blocks carry 2/d
+                inv_d = 1.0 / diag.detach().to(torch.float64)
+                grad_P = torch.bmm(M, (C * (2.0 * inv_d)).to(dtype))
+            else:
+                grad_P = torch.bmm(M, C.to(dtype)).mul_(2.0 * rs.unsqueeze(-1))
+        if need_d:
+            if scalar:
+                inv_d = 1.0 / diag.detach().to(torch.float64)
+                trace_term = D - R + Kinv.diagonal(dim1=-2, dim2=-1).sum(-1)  # Σ_i (1 − a_iᵀK⁻¹a_i)
+                gd = (g_l * trace_term).sum() * inv_d
+                if S:
+                    gd = gd - (g_m * res.square().sum(1, dtype=torch.float64)).sum() * inv_d
+                grad_d = gd.to(dtype)
+            else:
+                A = M[..., :R]
+                q = (torch.bmm(A, Kinv.to(dtype)) * A).sum(-1)  # a_iᵀ K⁻¹ a_i, [N, D]
+                gd = (1.0 - q) * (g_l.to(dtype).unsqueeze(-1) / diag)
+                if S:
+                    gd = gd - (w.square() * g_m.to(dtype).unsqueeze(1)).sum(-1)
+                grad_d = gd
+        return grad_loc, grad_P, grad_d, grad_x, None
+
+
+class _NonFinite(Exception):
+    """Internal signal: the Gram matrix is not finite; the caller diagnoses which input is at fault."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared base
+# ----------------------------------------------------------------------------------------------------
+class _PixelGaussian(Distribution):
+    """Common interface of the two observation models (not for direct use)."""
+
+    arg_constraints = {"loc": constraints.real_vector}
+    support = constraints.real_vector
+    has_rsample = True
+
+    # set by subclasses
+    loc: torch.Tensor
+    _diag: torch.Tensor  # scalar or [..., D], variances (before conditioning)
+    _observed: torch.Tensor | None  # bool [..., D] or None
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def D(self) -> int:
+        return self.event_shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc.expand(*self.batch_shape, self.D)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    @property
+    def cov_diag(self) -> torch.Tensor:
+        """[..., D] diagonal variances d (0 on observed pixels of a conditional)."""
+        d = self._diag.expand(*self.batch_shape, self.D)
+        if self._observed is not None:
+            d = d.masked_fill(self._observed, 0.0)
+        return d
+
+    @property
+    def observed(self) -> torch.Tensor | None:
+        """bool [..., D] mask of pixels fixed by `condition`, or None for an unconditioned distribution."""
+        return self._observed
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return self.variance.sqrt()
+
+    def _n_free(self) -> torch.Tensor | int:
+        """Number of scored (unobserved) pixels: D, or [...] for a conditional."""
+        if self._observed is None:
+            return self.D
+        return self.D - self._observed.sum(-1)
+
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps_d = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        eps_r = None
+        if self.rank:
+            eps_r = torch.randn(*shape[:-1], self.rank, dtype=self.loc.dtype, device=self.loc.device)
+        return self.from_noise(eps_r, eps_d)
+
+    def _check_condition_args(self, mask, values):
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{self._name}.condition: mask must be a bool tensor [..., D], got "
+                            f"{type(mask).__name__ if not isinstance(mask, torch.Tensor) else mask.dtype}")
+        values = _as_tensor(values, "values", self.loc)
+        for name, t in (("mask", mask), ("values", values)):
+            if t.dim() < 1 or t.shape[-1] != self.D:
+                raise ValueError(f"{self._name}.condition: {name} must have shape [..., {self.D}], "
+                                 f"got {tuple(t.shape)}")
+        try:
+            batch = torch.broadcast_shapes(mask.shape[:-1], values.shape[:-1], self.batch_shape)
+        except RuntimeError:
+            raise ValueError(f"{self._name}.condition: mask {tuple(mask.shape)} and values {tuple(values.shape)} "
+                             f"do not broadcast with batch_shape {tuple(self.batch_shape)}") from None
+        mask = mask.expand(*batch, self.D)
+        values = values.to(self.loc.dtype).expand(*batch, self.D)
+        bad = (mask & ~torch.isfinite(values)).any(-1)
+        if bool(bad.any()):
+            raise ValueError(f"{self._name}.condition: values are NaN or Inf on observed pixels at "
+                             f"{_bad_items(bad if len(batch) else bad.any(), batch)}")
+        return mask, values, batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# low-rank plus diagonal
+# ----------------------------------------------------------------------------------------------------
+class LowRankNormal(_PixelGaussian):
+    """N(loc, cov_factor cov_factorᵀ + diag(cov_diag)) over D pixels, never forming a D×D matrix.
+
+    Args:
+        loc: [..., D] mean μ.
+        cov_factor: [..., D, R] factor P (R may be 0).
+        cov_diag: variances d > 0: a scalar (the paper's fixed ε = 1e-5) or anything broadcastable to loc.
+        validate_args: True checks every parameter eagerly (finite, d > 0). None/False skip that pass;
+            non-finite parameters are then still caught, for free, from the R×R Gram matrix when first used.
+
+    batch_shape = broadcast of loc.shape[:-1], cov_factor.shape[:-2], cov_diag.shape[:-1]; event_shape = (D,).
+    `condition(mask, values)` returns another LowRankNormal whose `observed` mask marks fixed pixels.
+    """
+
+    arg_constraints = {"loc": constraints.real_vector,
+                       "cov_factor": constraints.independent(constraints.real, 2),
+                       "cov_diag": constraints.independent(constraints.nonnegative, 1)}
+
+    def __init__(self, loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor | float,
+                 validate_args: bool | None = None, *, _observed: torch.Tensor | None = None):
+        name = "LowRankNormal"
+        loc = _as_tensor(loc, "loc")
+        cov_factor = _as_tensor(cov_factor, "cov_factor")
+        cov_diag = _as_tensor(cov_diag, "cov_diag", loc)
+        if loc.dim() < 1:
+            raise ValueError(f"{name}: loc must have shape [..., D] (at least 1-D), got {tuple(loc.shape)}")
+        D = loc.shape[-1]
+        if cov_factor.dim() < 2 or cov_factor.shape[-2] != D:
+            raise ValueError(f"{name}: cov_factor must have shape [..., D={D}, R], got {tuple(cov_factor.shape)}")
+        if len({loc.dtype, cov_factor.dtype, cov_diag.dtype}) != 1:
+            raise TypeError(f"{name}: loc, cov_factor and cov_diag must share one dtype, got "
+                            f"{loc.dtype}, {cov_factor.dtype}, {cov_diag.dtype}")
+        if cov_diag.numel() == 1 and cov_diag.dim() <= 1:
+            diag = cov_diag.reshape(())
+            diag_batch = torch.Size()
+        else:
+            if cov_diag.dim() == 0 or (cov_diag.shape[-1] not in (1, D)):
+                raise ValueError(f"{name}: cov_diag must be a scalar or broadcastable to loc [..., {D}], "
+                                 f"got {tuple(cov_diag.shape)}")
+            diag = cov_diag
+            diag_batch = cov_diag.shape[:-1]
+        try:
+            batch_shape = torch.broadcast_shapes(loc.shape[:-1], cov_factor.shape[:-2], diag_batch)
+        except RuntimeError:
+            raise ValueError(f"{name}: batch shapes of loc {tuple(loc.shape[:-1])}, cov_factor "
+                             f"{tuple(cov_factor.shape[:-2])} and cov_diag {tuple(diag_batch)} do not broadcast") \
+                from None
+        if diag.dim() > 0:
+            diag = diag.expand(*diag.shape[:-1], D)
+        self.loc = loc.expand(*batch_shape, D)
+        self.cov_factor = cov_factor.expand(*batch_shape, D, cov_factor.shape[-1])
+        self._diag = diag
+        self._observed = _observed
+        self._cache: dict = {}
+        super().__init__(batch_shape, torch.Size([D]), validate_args=False)
+        if validate_args:
+            for pname, t, ev in (("loc", loc, 1), ("cov_factor", cov_factor, 2)):
+                _check_values(t.expand(*batch_shape, *t.shape[-ev:]), pname, name, batch_shape, ev)
+            _check_values(diag.expand(*batch_shape, D) if diag.dim() else diag, "cov_diag", name, batch_shape,
+                          1 if diag.dim() else 0, positive=True)
+
+    # -- basic properties ---------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.cov_factor.shape[-1]
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """[..., D] Σ_ii = Σ_j P_ij² + d_i (0 on observed pixels), O(D·R)."""
+        return self.cov_factor.square().sum(-1) + self.cov_diag
+
+    def covariance_row(self, i: int) -> torch.Tensor:
+        """[..., D] row i of P Pᵀ + diag(d): P P_iᵀ + d_i e_i (the Σ^(i) maps of the paper's figures)."""
+        D = self.D
+        if not isinstance(i, int) or not -D <= i < D:
+            raise IndexError(f"{self._name}.covariance_row: i must be an int in [0, {D}), got {i!r}")
+        i = i % D
+        P = self.cov_factor
+        row = (P @ P[..., i, :].unsqueeze(-1)).squeeze(-1)
+        e = torch.zeros(D, dtype=row.dtype, device=row.device)
+        e[i] = 1.0
+        return row + self.cov_diag[..., i:i + 1] * e
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        """[..., D, D] dense P Pᵀ + diag(d); only for D ≤ DENSE_COVARIANCE_LIMIT."""
+        if self.D > DENSE_COVARIANCE_LIMIT:
+            raise ValueError(f"{self._name}.covariance_matrix: D={self.D} exceeds the dense limit "
+                             f"{DENSE_COVARIANCE_LIMIT}; use covariance_row(i) or variance instead")
+        P = self.cov_factor
+        return P @ P.mT + torch.diag_embed(self.cov_diag)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        obs = None if self._observed is None else self._observed.expand(*batch_shape, self.D)
+        diag = self._diag if self._diag.dim() == 0 else self._diag.expand(*batch_shape, self.D)
+        return LowRankNormal(self.loc.expand(*batch_shape, self.D),
+                             self.cov_factor.expand(*batch_shape, self.D, self.rank), diag, _observed=obs)
+
+    # -- flat views for the kernels -----------------------------------------------------------------
+    def _flat_params(self):
+        """(loc [N, D], factor [N, D, R], diag [] or [N, D]) with observed pixels given a unit variance.
+
+        Observed pixels of a conditional have a zero row in the factor and zero variance; giving them
+        variance 1 (and a zero residual, see `_flat_value`) removes them from every term exactly.
+        """
+        bs, D, R = self.batch_shape, self.D, self.rank
+        loc = _flat_batch(self.loc, bs, (D,))
+        P = _flat_batch(self.cov_factor, bs, (D, R))
+        diag = self._diag
+        if self._observed is not None:
+            diag = torch.where(self._observed, torch.ones((), dtype=diag.dtype, device=diag.device),
+                               diag.expand(*bs, D))
+        if diag.dim():
+            diag = _flat_batch(diag, bs, (D,))
+        return loc, P, diag
+
+    def _diagnose(self, value: torch.Tensor | None):
+        """Raise the clear error for non-finite input found through a non-finite Gram matrix."""
+        bs = self.batch_shape
+        _check_values(self.loc, "loc", self._name, bs, 1)
+        _check_values(self.cov_factor, "cov_factor", self._name, bs, 2)
+        d = self._diag if self._observed is None else self._diag.expand(*bs, self.D).masked_fill(self._observed, 1.0)
+        _check_values(d.expand(*bs, self.D) if d.dim() else d, "cov_diag", self._name, bs, 1 if d.dim() else 0,
+                      positive=True)
+        if value is not None:
+            v = value if self._observed is None else value.masked_fill(self._observed, 0.0)
+            _check_values(v, "value", f"{self._name}.log_prob", bs, 1)
+        raise ValueError(f"{self._name}: the Gram matrix of the factor overflowed its dtype {self.loc.dtype}")
+
+    def _terms(self, value: torch.Tensor | None):
+        """(maha [*sample, *batch] or None, logdet [*batch]) via `_LowRankTerms`; caches logdet and L."""
+        loc, P, diag = self._flat_params()
+        cols = full = None
+        if value is not None:
+            cols, full = _value_columns(value, self.batch_shape, self.D, f"{self._name}.log_prob")
+            if self._observed is not None:
+                obs = _flat_batch(self._observed, self.batch_shape, (self.D,)).unsqueeze(-1)
+                cols = torch.where(obs, loc.unsqueeze(-1), cols)
+        try:
+            maha, logdet, L = _LowRankTerms.apply(loc, P, diag, cols, self.batch_shape)
+        except _NonFinite:
+            self._diagnose(value)
+        logdet = logdet.reshape(self.batch_shape)
+        grad_mode = torch.is_grad_enabled()
+        if "logdet" not in self._cache or (grad_mode and not self._cache["logdet"][1]):
+            self._cache["logdet"] = (logdet, grad_mode)
+        self._cache.setdefault("tril", L)
+        if value is None:
+            return None, logdet
+        maha = maha.mT.reshape(full)
+        return maha, logdet
+
+    @property
+    def _capacitance_tril(self) -> torch.Tensor:
+        """Lazy, cached float64 Cholesky factor [N, R, R] of K = I + AᵀA (computed at most once)."""
+        if "tril" not in self._cache:
+            with torch.no_grad():
+                self._terms(None)
+        return self._cache["tril"]
+
+    # -- densities ----------------------------------------------------------------------------------
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """[*sample, *batch] log N(value; μ, Σ) = −½(D log 2π + log|Σ| + maha); a conditional scores only
+        its unobserved pixels (observed entries of value are ignored)."""
+        value = _as_tensor(value, "value", self.loc)
+        maha, logdet = self._terms(value)
+        n = self._n_free()
+        return (-0.5 * (n * _LOG_2PI + logdet + maha)).to(self.loc.dtype)
+
+    def entropy(self) -> torch.Tensor:
+        """[*batch] ½ D (1 + log 2π) + ½ log|Σ| (over unobserved pixels for a conditional)."""
+        cached = self._cache.get("logdet")
+        if cached is not None and (cached[1] or not torch.is_grad_enabled()):
+            logdet = cached[0]
+        else:
+            _, logdet = self._terms(None)
+        n = self._n_free()
+        return (0.5 * n * (1.0 + _LOG_2PI) + 0.5 * logdet).to(self.loc.dtype)
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def from_noise(self, factor_noise: torch.Tensor | None, diag_noise: torch.Tensor | None) -> torch.Tensor:
+        """loc + P @ factor_noise + sqrt(d) ⊙ diag_noise, [..., D]; None means zeros.
+
+        factor_noise [..., R] and diag_noise [..., D] broadcast against batch_shape; leading dims beyond it
+        are sample dims. Observed pixels of a conditional come out exactly equal to the observed values.
+        """
+        out = self.mean
+        if factor_noise is not None:
+            factor_noise = _as_tensor(factor_noise, "factor_noise", self.loc)
+            if factor_noise.dim() < 1 or factor_noise.shape[-1] != self.rank:
+                raise ValueError(f"{self._name}.from_noise: factor_noise must have shape [..., R={self.rank}], "
+                                 f"got {tuple(factor_noise.shape)}")
+            out = out + _factor_times(self.cov_factor, factor_noise, self.batch_shape, self._name)
+        if diag_noise is not None:
+            diag_noise = _as_tensor(diag_noise, "diag_noise", self.loc)
+            if diag_noise.dim() < 1 or diag_noise.shape[-1] != self.D:
+                raise ValueError(f"{self._name}.from_noise: diag_noise must have shape [..., D={self.D}], "
+                                 f"got {tuple(diag_noise.shape)}")
+            out = out + self.cov_diag.sqrt() * diag_noise
+        return out
+
+    # -- conditioning -------------------------------------------------------------------------------
+    def condition(self, mask: torch.Tensor, values: torch.Tensor) -> "LowRankNormal":
+        """The distribution of all D pixels given x = values on the pixels where mask is True.
+
+        mask: bool [..., D] (numbers of observed pixels may differ across the batch); values: [..., D]
+        (entries where mask is False are ignored and may be NaN). Returns a LowRankNormal with
+        mean = values on observed pixels and the conditional mean elsewhere, factor P_U L_O^{-T}
+        (zero rows on observed pixels), diagonal d_U (0 on observed pixels); see `_condition_lowrank`.
+        """
+        mask, values, batch = self._check_condition_args(mask, values)
+        base = self if tuple(batch) == tuple(self.batch_shape) else self.expand(batch)
+        return _condition_lowrank(base, mask, values)
+
+
+def _factor_times(P: torch.Tensor, noise: torch.Tensor, batch_shape: torch.Size, owner: str) -> torch.Tensor:
+    """P @ noise for P [*batch, D, R], noise [*sample, *batch, R] → [*sample, *batch, D].
+
+    Sample dims are folded into the columns of one matrix product so P is never copied per sample.
+    """
+    D, R = P.shape[-2:]
+    try:
+        full = torch.broadcast_shapes(noise.shape[:-1], batch_shape)
+    except RuntimeError:
+        raise ValueError(f"{owner}.from_noise: noise shape {tuple(noise.shape)} does not broadcast with "
+                         f"batch_shape {tuple(batch_shape)}") from None
+    n_sample = len(full) - len(batch_shape)
+    if n_sample == 0:
+        return (P @ noise.unsqueeze(-1)).squeeze(-1)
+    N = max(1, math.prod(batch_shape))
+    cols = noise.expand(*full, R).reshape(-1, N, R).permute(1, 2, 0)  # [N, R, S]
+    out = torch.bmm(_flat_batch(P, batch_shape, (D, R)), cols)  # [N, D, S]
+    return out.permute(2, 0, 1).reshape(*full, D)
+
+
+def _condition_lowrank(dist: LowRankNormal, mask: torch.Tensor, values: torch.Tensor) -> LowRankNormal:
+    """Gaussian conditioning on observed pixels O (Schur complement), without any m×m matrix.
+
+    With A = d^{-1/2} ⊙ P, y = d^{-1/2} ⊙ (values − μ), A_O, y_O their rows on O and
+    K_O = I + A_OᵀA_O = L_O L_Oᵀ, z_O = K_O⁻¹ A_Oᵀ y_O (one step of iterative refinement):
+
+        mean_U = μ_U + P_U z_O,   Cov_U = Σ_UU − Σ_UO Σ_OO⁻¹ Σ_OU = P_U K_O⁻¹ P_Uᵀ + diag(d_U),
+
+    so the conditional is low-rank plus diagonal with factor P_U L_O^{-T} (zero rows on O), diagonal d_U
+    (0 on O) and mean = values on O. Masks are applied by multiplication (where), never by indexing, so
+    every batch item may observe a different number of pixels. Pixels observed earlier (a conditional of
+    a conditional) already have zero factor rows and keep their values.
+    """
+    bs, D, R = dist.batch_shape, dist.D, dist.rank
+    loc, P, diag = dist._flat_params()
+    N = P.shape[0]
+    m = _flat_batch(mask, bs, (D,))
+    v = _flat_batch(values, bs, (D,))
+    prev = None if dist._observed is None else _flat_batch(dist._observed, bs, (D,))
+    new = m if prev is None else m & ~prev
+    rs = diag.rsqrt()
+    rs_col = rs.unsqueeze(-1) if rs.dim() else rs
+    zero = torch.zeros((), dtype=P.dtype, device=P.device)
+    A_O = torch.where(new.unsqueeze(-1), P * rs_col, zero)  # [N, D, R]
+    y_O = torch.where(new, (v - loc) * rs, zero).unsqueeze(-1)  # [N, D, 1]
+    gram = torch.bmm(A_O.mT, torch.cat([A_O, y_O], -1))  # [N, R, R+1]: A_OᵀA_O | A_Oᵀy_O
+    if not bool(torch.isfinite(gram).all()):
+        dist._diagnose(None)
+    L = _capacitance_cholesky(gram[..., :R], f"{dist._name}.condition", bs)
+    z = torch.cholesky_solve(gram[..., R:].to(torch.float64), L)  # [N, R, 1] float64
+    # one refinement step: the normal-equation residual A_Oᵀ(y_O − A_O z) − z, in the factor's dtype
+    r = torch.baddbmm(y_O, A_O, z.to(P.dtype), alpha=-1.0)
+    g = torch.bmm(A_O.mT, r).to(torch.float64) - z
+    z = z + torch.cholesky_solve(g, L)
+    cond_mean = torch.baddbmm(loc.unsqueeze(-1), P, z.to(P.dtype)).squeeze(-1)
+    new_loc = torch.where(new, v, cond_mean)
+    eye = torch.eye(R, dtype=torch.float64, device=P.device).expand(N, R, R)
+    L_inv_T = torch.linalg.solve_triangular(L, eye, upper=False).mT  # L_O^{-T}, R×R
+    P_U = torch.where(m.unsqueeze(-1), zero, P)
+    new_P = torch.bmm(P_U, L_inv_T.to(P.dtype))
+    observed = m if prev is None else (m | prev)
+    out_diag = dist._diag
+    return LowRankNormal(new_loc.reshape(*bs, D), new_P.reshape(*bs, D, R), out_diag,
+                         _observed=observed.reshape(*bs, D))
+
+
+# ----------------------------------------------------------------------------------------------------
+# pixel-wise independent
+# ----------------------------------------------------------------------------------------------------
+class DiagonalNormal(_PixelGaussian):
+    """N(loc, diag(cov_diag)): the pixel-wise independent baseline, with the interface of LowRankNormal.
+
+    Args:
+        loc: [..., D] mean. cov_diag: variances > 0, a scalar or broadcastable to loc.
+        validate_args: True checks the parameters eagerly (finite, variances > 0).
+    cov_factor is an empty [..., D, 0] tensor and rank == 0. Conditioning sets observed pixels to their
+    values with variance 0 and leaves unobserved pixels unchanged.
+    """
+
+    arg_constraints = {"loc": constraints.real_vector,
+                       "cov_diag": constraints.independent(constraints.nonnegative, 1)}
+
+    def __init__(self, loc: torch.Tensor, cov_diag: torch.Tensor | float, validate_args: bool | None = None, *,
+                 _observed: torch.Tensor | None = None):
+        name = "DiagonalNormal"
+        loc = _as_tensor(loc, "loc")
+        cov_diag = _as_tensor(cov_diag, "cov_diag", loc)
+        if loc.dim() < 1:
+            raise ValueError(f"{name}: loc must have shape [..., D] (at least 1-D), got {tuple(loc.shape)}")
+        D = loc.shape[-1]
+        if loc.dtype != cov_diag.dtype:
+            raise TypeError(f"{name}: loc and cov_diag must share one dtype, got {loc.dtype}, {cov_diag.dtype}")
+        if cov_diag.numel() == 1 and cov_diag.dim() <= 1:
+            diag, diag_batch = cov_diag.reshape(()), torch.Size()
+        else:
+            if cov_diag.dim() == 0 or cov_diag.shape[-1] not in (1, D):
+                raise ValueError(f"{name}: cov_diag must be a scalar or broadcastable to loc [..., {D}], "
+                                 f"got {tuple(cov_diag.shape)}")
+            diag, diag_batch = cov_diag.expand(*cov_diag.shape[:-1], D), cov_diag.shape[:-1]
+        try:
+            batch_shape = torch.broadcast_shapes(loc.shape[:-1], diag_batch)
+        except RuntimeError:
+            raise ValueError(f"{name}: batch shapes of loc {tuple(loc.shape[:-1])} and cov_diag "
+                             f"{tuple(diag_batch)} do not broadcast") from None
+        self.loc = loc.expand(*batch_shape, D)
+        self._diag = diag
+        self._observed = _observed
+        super().__init__(batch_shape, torch.Size([D]), validate_args=False)
+        if validate_args:
+            _check_values(self.loc, "loc", name, batch_shape, 1)
+            _check_values(diag.expand(*batch_shape, D) if diag.dim() else diag, "cov_diag", name, batch_shape,
+                          1 if diag.dim() else 0, positive=True)
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def cov_factor(self) -> torch.Tensor:
+        """[..., D, 0] empty factor (rank 0)."""
+        return self.loc.new_zeros(*self.batch_shape, self.D, 0)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.cov_diag
+
+    def covariance_row(self, i: int) -> torch.Tensor:
+        """[..., D] d_i e_i."""
+        D = self.D
+        if not isinstance(i, int) or not -D <= i < D:
+            raise IndexError(f"{self._name}.covariance_row: i must be an int in [0, {D}), got {i!r}")
+        i = i % D
+        row = torch.zeros(*self.batch_shape, D, dtype=self.loc.dtype, device=self.loc.device)
+        row[..., i] = self.cov_diag[..., i]
+        return row
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        if self.D > DENSE_COVARIANCE_LIMIT:
+            raise ValueError(f"{self._name}.covariance_matrix: D={self.D} exceeds the dense limit "
+                             f"{DENSE_COVARIANCE_LIMIT}; use covariance_row(i) or variance instead")
+        return torch.diag_embed(self.cov_diag)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        obs = None if self._observed is None else self._observed.expand(*batch_shape, self.D)
+        diag = self._diag if self._diag.dim() == 0 else self._diag.expand(*batch_shape, self.D)
+        return DiagonalNormal(self.loc.expand(*batch_shape, self.D), diag, _observed=obs)
+
+    def _free_diag(self) -> torch.Tensor:
+        """Variances with observed pixels set to 1 (log 1 = 0 and their residual is zeroed)."""
+        d = self._diag
+        if self._observed is not None:
+            d = d.expand(*self.batch_shape, self.D).masked_fill(self._observed, 1.0)
+        return d
+
+    def _logdet(self, d: torch.Tensor) -> torch.Tensor:
+        """log|diag d| = Σ_i log d_i, accumulated in float64."""
+        if d.dim() == 0:
+            return (self.D * torch.log(d.to(torch.float64))).to(d.dtype).expand(self.batch_shape)
+        return d.log().sum(-1, dtype=torch.float64).to(d.dtype).expand(self.batch_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """[*sample, *batch] −½ Σ_i (log 2π + log d_i + (x_i − μ_i)²/d_i), over unobserved pixels."""
+        value = _as_tensor(value, "value", self.loc)
+        if value.dim() < 1 or value.shape[-1] != self.D:
+            raise ValueError(f"{self._name}.log_prob: value must have shape [..., {self.D}], got {tuple(value.shape)}")
+        d = self._free_diag()
+        diff = value - self.loc
+        if self._observed is not None:
+            diff = diff.masked_fill(self._observed, 0.0)
+        maha = (diff.square() / d).sum(-1, dtype=torch.float64).to(diff.dtype)
+        if not bool(torch.isfinite(maha).all()):
+            _check_values(self.loc, "loc", self._name, self.batch_shape, 1)
+            _check_values(d.expand(*self.batch_shape, self.D) if d.dim() else d, "cov_diag", self._name,
+                          self.batch_shape, 1 if d.dim() else 0, positive=True)
+            raise ValueError(f"{self._name}.log_prob: value has NaN or Inf entries")
+        return -0.5 * (self._n_free() * _LOG_2PI + self._logdet(d) + maha)
+
+    def entropy(self) -> torch.Tensor:
+        return 0.5 * self._n_free() * (1.0 + _LOG_2PI) + 0.5 * self._logdet(self._free_diag())
+
+    def from_noise(self, factor_noise: torch.Tensor | None, diag_noise: torch.Tensor | None) -> torch.Tensor:
+        """loc + sqrt(d) ⊙ diag_noise ([..., D]); factor_noise must be None or [..., 0]."""
+        if factor_noise is not None and (factor_noise.dim() < 1 or factor_noise.shape[-1] != 0):
+            raise ValueError(f"{self._name}.from_noise: factor_noise must be None or [..., 0] (rank 0), "
+                             f"got {tuple(factor_noise.shape)}")
+        out = self.mean
+        if diag_noise is not None:
+            diag_noise = _as_tensor(diag_noise, "diag_noise", self.loc)
+            if diag_noise.dim() < 1 or diag_noise.shape[-1] != self.D:
+                raise ValueError(f"{self._name}.from_noise: diag_noise must have shape [..., D={self.D}], "
+                                 f"got {tuple(diag_noise.shape)}")
+            out = out + self.cov_diag.sqrt() * diag_noise
+        if factor_noise is not None and factor_noise.dim() > 1:
+            out = out.expand(*torch.broadcast_shapes(out.shape[:-1], factor_noise.shape[:-1]), self.D)
+        return out
+
+    def condition(self, mask: torch.Tensor, values: torch.Tensor) -> "DiagonalNormal":
+        """Observed pixels: mean = values, variance 0; unobserved pixels unchanged (independence)."""
+        mask, values, batch = self._check_condition_args(mask, values)
+        loc = torch.where(mask, values, self.loc)
+        observed = mask if self._observed is None else (mask | self._observed)
+        diag = self._diag if self._diag.dim() == 0 else self._diag.expand(*batch, self.D)
+        return DiagonalNormal(loc, diag, _observed=observed)
