@@ -8,12 +8,13 @@ channel-first, ``x.reshape(B, C*H*W)``; functions that need the image grid take 
 
 Conventions (stated once, here):
 
-- **Bits per dimension.** Pixel values x ∈ [0, 1] are 8-bit levels k/255 as `sosvae_lib.data` returns them.
-  Dequantisation adds uniform noise of one 8-bit bin, x̃ = x + u/256 with u ~ U[0, 1)^D (the training
-  convention of ``TrainConfig.dequantize``). The cubes [k/255, k/255 + 1/256)^D are disjoint, so
-  P(k) = ∫_cube p(x̃) dx̃ ≥ 256^{-D} exp E_u log p(x + u/256) (Jensen) and
+- **Bits per dimension.** Pixel values x ∈ [0, 1] are 8-bit levels x = k/255 as `sosvae_lib.data` returns them.
+  Dequantisation (the training convention of ``TrainConfig.dequantize``) maps level k to a uniform point of
+  its bin, x̃ = (k + u)/256 = (255·x + u)/256 with u ~ U[0, 1)^D, so x̃ ∈ [0, 1)^D. The bins
+  [k/256, (k+1)/256)^D are disjoint, so P(k) = ∫_bin p(x̃) dx̃ ≥ 256^{-D} exp E_u log p(x̃) (Jensen), and
   ``bpd = (NLL + D·ln 256) / (D·ln 2)``, NLL = −log p(x̃) in nats of the continuous density on the [0, 1]
-  scale, is an upper bound on the code length in bits per sub-pixel of the 8-bit image. The same formula is
+  scale, is (in expectation over u) an upper bound on the code length in bits per sub-pixel of the 8-bit
+  image. Each pixel of each channel is one dimension (D = C·H·W). The same formula is
   used for every data set (continuous data such as ``synthetic`` are then scored on the same 0…256 scale
   without dequantisation noise).
 - **Importance-sampled likelihood (IWAE).** log p(x) ≥ log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x);
@@ -38,9 +39,10 @@ LOG2 = math.log(2.0)
 # ----------------------------------------------------------------------------------------------------------
 
 def dequantize(x: torch.Tensor, generator: torch.Generator | None = None, bits: int = 8) -> torch.Tensor:
-    """x̃ = x + u / 2^bits, u ~ U[0, 1) elementwise (one 8-bit bin of uniform noise). Any shape."""
+    """x = k/(2^bits − 1) → x̃ = (k + u)/2^bits, u ~ U[0, 1) elementwise: uniform noise over k's bin. Any shape."""
+    levels = 2 ** bits
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-    return x + u / (2 ** bits)
+    return (x * (levels - 1) + u) / levels
 
 
 def bits_per_dim(nll_nats: torch.Tensor | float, num_dims: int | torch.Tensor, bits: int = 8):
@@ -254,18 +256,6 @@ def most_uncertain_patch(variance: torch.Tensor, image_shape: tuple[int, int, in
     return (idx // pooled.shape[-1]).cpu(), (idx % pooled.shape[-1]).cpu()
 
 
-def _marginal(dist: Any, index: torch.Tensor) -> Any:
-    """The marginal of the observation distribution on pixels index [B, m] (a gather, no boolean indexing):
-    loc_O, P_O, d_O of the same class."""
-    loc = dist.loc.gather(-1, index)
-    diag = torch.broadcast_to(dist.cov_diag, dist.loc.shape).gather(-1, index)
-    factor = dist.cov_factor
-    if factor.shape[-1] == 0:
-        return type(dist)(loc, diag)
-    factor = factor.gather(-2, index.unsqueeze(-1).expand(-1, -1, factor.shape[-1]))
-    return type(dist)(loc, factor, diag)
-
-
 @dataclass
 class Inpainting:
     """Result of `inpaint`, per image: means [B, D]; squared errors and NLL summed over hidden pixels [B]."""
@@ -279,23 +269,19 @@ class Inpainting:
 
 
 def inpaint(dist: Any, x: torch.Tensor, observed: torch.Tensor) -> Inpainting:
-    """Reveal the pixels ``observed`` [B, D] (bool, the same count in every row) of the true images x [B, D],
+    """Reveal the pixels ``observed`` [B, D] (bool; counts may differ across rows) of the true images x [B, D],
     condition the observation distribution ``dist`` (batch [B]) on them, and score the hidden pixels H.
 
     uncond_mean = μ; cond_mean = μ_H + Σ_HO Σ_OO⁻¹ (x_O − μ_O) on H (via ``dist.condition``), x on O.
-    hidden_nll = −log p(x_H | x_O) = −log p(x) + log p(x_O), the chain rule (nats), with the marginal of the
-    observed pixels gathered from (μ, P, d). For a pixel-wise independent model cond_mean = uncond_mean on H.
+    hidden_nll = −log p(x_H | x_O) in nats (the conditional's ``log_prob`` scores only unobserved pixels).
+    For a pixel-wise independent model cond_mean = uncond_mean on H.
     """
     observed = observed.to(torch.bool).expand_as(x)
-    counts = observed.sum(-1)
-    if counts.numel() and (counts != counts[0]).any():
-        raise ValueError("observed: every row must reveal the same number of pixels")
     hidden = ~observed
     cond = dist.condition(observed, x)
     mu = dist.loc.detach()
     cmean = torch.where(observed, x, cond.loc.detach())
-    index = torch.argsort(hidden.to(torch.int8), dim=-1, stable=True)[:, : int(counts[0])]
-    nll = -(dist.log_prob(x).double() - _marginal(dist, index).log_prob(x.gather(-1, index)).double())
+    nll = -cond.log_prob(x).double()
     hf = hidden.double()
     return Inpainting(uncond_mean=mu, cond_mean=cmean,
                       sq_err_uncond=(((x - mu).double() ** 2) * hf).sum(-1),

@@ -87,7 +87,7 @@ def fit_pca(train_images: torch.Tensor, rank: int, noise_var: float | None = Non
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            u, s, _ = torch.svd_lowrank(xc, q=min(rank + 20, min(n, d)), niter=6)
+            _, s, u = torch.svd_lowrank(xc, q=min(rank + 20, min(n, d)), niter=6)  # xc ≈ U S Vᵀ; V [D, q]
         finally:
             torch.random.set_rng_state(state)
         u, s = u[:, :rank], s[:rank]

@@ -1,0 +1,343 @@
+"""Evaluate a trained run: the claims of SOS-VAE as numbers (Langley et al., "Structured Uncertainty in the
+Observation Space of Variational Autoencoders", TMLR 2022).
+
+``evaluate(run_dir, split="test", **options)`` loads a run written by `sosvae_lib.train`, scores it on held-out
+images with `sosvae_lib.metrics`, scores the global PPCA baseline of the same rank (`sosvae_lib.pca`, fitted on the
+run's training set) with the same metrics where they apply, returns one flat dict and writes it atomically to
+``run_dir/eval_<split>.json``. Command line: ``python -m sosvae_lib.evaluate RUN_DIR [--split test] [--k 16] ...``.
+
+Settings that every metric shares: for each test image x the observation distribution is p(x | z = m(x)) with m(x)
+the posterior mean of q(z | x) ("the reconstruction"); residuals are x − μ(m(x)) on the clean images; likelihoods
+(IWAE, ELBO, inpainting) score the dequantised images (`sosvae_lib.metrics` states the bits-per-dimension
+convention). Generated images are drawn from the prior: means μ(z) and samples y ~ p(x | z), z ~ N(0, I).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import metrics as M
+from .pca import PCAModel, fit_pca
+
+# Defaults chosen so that a cpu-preset run (orl 64×64, ~40 test images; other data sets capped at 500 test
+# images) evaluates in well under a minute on 2 CPU cores; raise k / num_images for tighter numbers.
+DEFAULTS: dict[str, Any] = dict(
+    k=16,               # importance samples of the IWAE bound (reported as iwae_k)
+    num_images=500,     # first test images scored (deterministic subset); None = the whole split
+    num_samples=None,   # prior draws for the generation metrics; None = as many as test images scored (≤ 500)
+    batch_size=50,      # images per forward pass
+    patch=10,           # side of the revealed square of the inpainting metrics
+    seed=0,             # seeds dequantisation noise, importance samples, patch positions and prior draws
+    pca=True,           # also score the PPCA baseline of the same rank (keys prefixed "pca_")
+    pca_train_items=2000,  # training images used to fit the baseline (deterministic subset)
+    dequantize=None,    # None: as the run was trained (TrainConfig.dequantize)
+    device="cpu",       # "cpu", "cuda", "cuda:N" or "auto"
+    progress=True,      # tqdm bars on stderr
+    write=True,         # write run_dir/eval_<split>.json
+)
+SPLITS = ("train", "val", "test")
+
+
+def _check_options(split: str, options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an evaluate() option (options: {', '.join(DEFAULTS)})")
+    o = {**DEFAULTS, **options}
+    if split not in SPLITS:
+        raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
+
+    def positive_int(name: str, allow_none: bool = False) -> None:
+        v = o[name]
+        if v is None and allow_none:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: must be an integer >= 1{' or None' if allow_none else ''}, got {v!r}")
+
+    positive_int("k")
+    positive_int("num_images", allow_none=True)
+    positive_int("num_samples", allow_none=True)
+    positive_int("batch_size")
+    positive_int("patch")
+    positive_int("pca_train_items")
+    if isinstance(o["seed"], bool) or not isinstance(o["seed"], int) or o["seed"] < 0:
+        raise ValueError(f"seed: must be an integer >= 0, got {o['seed']!r}")
+    for name in ("pca", "progress", "write"):
+        if not isinstance(o[name], bool):
+            raise ValueError(f"{name}: must be True or False, got {o[name]!r}")
+    if o["dequantize"] is not None and not isinstance(o["dequantize"], bool):
+        raise ValueError(f"dequantize: must be True, False or None, got {o['dequantize']!r}")
+    dev = o["device"]
+    if not (dev in ("cpu", "cuda", "auto") or (isinstance(dev, str) and dev.startswith("cuda:"))):
+        raise ValueError(f"device: must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {dev!r}")
+    return o
+
+
+def _stack_images(dataset, limit: int | None) -> torch.Tensor:
+    """The first ``limit`` items of a dataset as one float tensor [N, C, H, W]."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    items = []
+    for i in range(n):
+        item = dataset[i]
+        items.append(item[0] if isinstance(item, (list, tuple)) else item)
+    if not items:
+        raise ValueError("split: the data set has no images in this split")
+    return torch.stack(items).float()
+
+
+class _Scores:
+    """Running sums of the per-image metrics of observation distributions p(x | z(x)) on test images."""
+
+    def __init__(self) -> None:
+        self.captured = 0.0
+        self.energy = 0.0
+        self.inpaint = {tag: dict(sq_uncond=0.0, sq_cond=0.0, nll=0.0, hidden=0) for tag in ("", "_maxvar")}
+        self.residuals: list[torch.Tensor] = []
+
+    def add(self, obs: Any, x: torch.Tensor, x_score: torch.Tensor, corners: tuple[torch.Tensor, torch.Tensor],
+            image_shape: tuple[int, int, int], patch: int) -> None:
+        """obs: batch [B] over D; x [B, D] clean images; x_score [B, D] the (dequantised) images that are scored."""
+        residual = (x - obs.loc).detach()
+        self.residuals.append(residual.float().cpu())
+        self.captured += float(M.projected_energy(residual, obs.cov_factor.detach()).sum())
+        self.energy += float((residual.double() ** 2).sum())
+        maxvar = M.most_uncertain_patch(obs.variance, image_shape, patch)
+        for tag, (tops, lefts) in (("", corners), ("_maxvar", maxvar)):
+            mask = M.patch_masks(image_shape, tops, lefts, patch).to(x.device)
+            out = M.inpaint(obs, x_score, mask)
+            acc = self.inpaint[tag]
+            acc["sq_uncond"] += float(out.sq_err_uncond.sum())
+            acc["sq_cond"] += float(out.sq_err_cond.sum())
+            acc["nll"] += float(out.hidden_nll.sum())
+            acc["hidden"] += int(out.num_hidden.sum())
+
+    def result(self, image_shape: tuple[int, int, int]) -> dict[str, float]:
+        out = dict(residual_corr_data=M.lag1_correlation(torch.cat(self.residuals), image_shape),
+                   span_capture=self.captured / self.energy if self.energy > 0 else float("nan"))
+        for tag, acc in self.inpaint.items():
+            out[f"inpaint_rmse_uncond{tag}"] = math.sqrt(acc["sq_uncond"] / acc["hidden"])
+            out[f"inpaint_rmse_cond{tag}"] = math.sqrt(acc["sq_cond"] / acc["hidden"])
+            out[f"inpaint_nll_bpd{tag}"] = float(M.bits_per_dim(acc["nll"], acc["hidden"]))
+        return out
+
+
+def _generation_metrics(means: torch.Tensor, samples: torch.Tensor, test: torch.Tensor,
+                        image_shape: tuple[int, int, int]) -> dict[str, float]:
+    """Metrics of generated images: means [N, D] and samples [N, D] against test images [M, D]."""
+    return dict(residual_corr_samples=M.lag1_correlation(samples - means, image_shape),
+                spectrum_dist_mean=M.spectrum_distance(means, test, image_shape),
+                spectrum_dist_samples=M.spectrum_distance(samples, test, image_shape))
+
+
+def _span_angle(factors: list[torch.Tensor], truth: torch.Tensor) -> float:
+    """Mean over images of the largest principal angle between span(P(z(x))) and the true factor span."""
+    return float(sum(M.span_angle_deg(f, truth) for f in factors) / len(factors))
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 16, num_samples: int | None = None,
+                   batch_size: int = 50, patch: int = 10, seed: int = 0, dequantize: bool = True,
+                   true_factor: torch.Tensor | None = None, progress: bool = False) -> dict[str, Any]:
+    """Every metric of a VAE (`sosvae_lib.model.VAE` or anything with ``encode``/``decode``) on test images
+    [N, C, H, W] in [0, 1]; see the module docstring and `evaluate` for the keys. ``true_factor`` [D, R*] adds
+    ``span_angle_deg`` (synthetic data)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    n = images.shape[0]
+    image_shape = tuple(images.shape[1:])
+    d = math.prod(image_shape)
+    gen = torch.Generator().manual_seed(seed)
+    corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
+    scores = _Scores()
+    ll, elbo, kl, factors = [], [], [], []
+    bar = tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        x = images[start:start + batch_size].to(device)
+        b = x.shape[0]
+        x_score = M.dequantize(x, gen) if dequantize else x
+        bound = M.iwae_log_likelihood(model, x_score, k=k, generator=gen)
+        ll.append(bound["log_likelihood"].cpu())
+        elbo.append(bound["elbo"].cpu())
+        kl.append(bound["kl"].cpu())
+        obs = model.decode(model.encode(x).loc)
+        sl = slice(start, start + b)
+        scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), (corners[0][sl], corners[1][sl]), image_shape, patch)
+        if true_factor is not None and obs.cov_factor.shape[-1] > 0:
+            factors += list(obs.cov_factor.detach().double().cpu())
+        bar.update(b)
+    bar.close()
+    nll = -torch.cat(ll)
+    out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(nll.mean(), d)),
+                               elbo_bpd=float(M.bits_per_dim(-torch.cat(elbo).mean(), d)),
+                               iwae_k=k, kl_nats=float(torch.cat(kl).mean()))
+    out.update(scores.result(image_shape))
+
+    m = num_samples if num_samples is not None else min(n, 500)
+    means, samples = [], []
+    for start in range(0, m, batch_size):
+        b = min(batch_size, m - start)
+        z = torch.randn(b, model.latent_dim, generator=gen).to(device)
+        obs = model.decode(z)
+        means.append(obs.loc.detach().cpu())
+        samples.append(_draw(obs, gen).cpu())
+    out.update(_generation_metrics(torch.cat(means), torch.cat(samples), images.reshape(n, d).cpu(), image_shape))
+    if factors:
+        out["span_angle_deg"] = _span_angle(factors, true_factor.double().cpu())
+    return out
+
+
+def _draw(obs: Any, gen: torch.Generator) -> torch.Tensor:
+    """One sample per batch element, y = μ + P ε_R + √d ε_D, with the noise drawn from ``gen``: [B, D]."""
+    shape = obs.loc.shape
+    rank = obs.cov_factor.shape[-1]
+    eps_r = torch.randn(*shape[:-1], rank, generator=gen, dtype=obs.loc.dtype).to(obs.loc.device) if rank else None
+    eps_d = torch.randn(*shape, generator=gen, dtype=obs.loc.dtype).to(obs.loc.device)
+    return obs.from_noise(eps_r, eps_d).detach()
+
+
+@torch.no_grad()
+def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None = None, batch_size: int = 50,
+                 patch: int = 10, seed: int = 0, dequantize: bool = True,
+                 true_factor: torch.Tensor | None = None) -> dict[str, Any]:
+    """The metrics of `evaluate_model` that apply to a global PPCA (`sosvae_lib.pca.fit_pca`) on test images
+    [N, C, H, W]: test_nll_bpd is exact (no latent, so no IWAE, ELBO or KL); residuals are x − m; samples are
+    draws of N(m, WWᵀ + σ²I) and the generated "means" are the single global mean."""
+    n = images.shape[0]
+    image_shape = tuple(images.shape[1:])
+    d = math.prod(image_shape)
+    gen = torch.Generator().manual_seed(seed)
+    corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
+    scores = _Scores()
+    nll = []
+    for start in range(0, n, batch_size):
+        x = images[start:start + batch_size].reshape(-1, d).double()
+        b = x.shape[0]
+        x_score = M.dequantize(x, gen) if dequantize else x
+        dist = fit.distribution(b, dtype=torch.float64)
+        nll.append(-dist.log_prob(x_score))
+        sl = slice(start, start + b)
+        scores.add(dist, x, x_score, (corners[0][sl], corners[1][sl]), image_shape, patch)
+    out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(torch.cat(nll).mean(), d)))
+    out.update(scores.result(image_shape))
+    m = num_samples if num_samples is not None else min(n, 500)
+    dist = fit.distribution(m, dtype=torch.float64)
+    samples = _draw(dist, gen)
+    out.update(_generation_metrics(dist.loc, samples, images.reshape(n, d).double(), image_shape))
+    if true_factor is not None:
+        out["span_angle_deg"] = M.span_angle_deg(fit.components, true_factor.double())
+    out["explained_variance_ratio"] = fit.explained_variance_ratio
+    out["noise_var"] = fit.noise_var
+    return out
+
+
+def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[str, Any]:
+    """Evaluate the run in ``run_dir`` on ``split``; return a flat dict and write ``run_dir/eval_<split>.json``.
+
+    Options (defaults in ``DEFAULTS``): ``k`` importance samples (16), ``num_images`` test images scored (the first
+    500; None = all), ``num_samples`` prior draws for the generation metrics (None = as many as images scored),
+    ``batch_size`` (50), ``patch`` side of the revealed square (10), ``seed`` (0; seeds all randomness, so a
+    repeated call gives identical numbers), ``pca`` also score the PPCA baseline (True), ``pca_train_items``
+    training images for the baseline (2000), ``dequantize`` (None = as trained), ``device`` ("cpu"),
+    ``progress`` (tqdm), ``write`` (True).
+
+    Keys: test_nll_bpd (IWAE, k samples), elbo_bpd, iwae_k, kl_nats, target_kl, residual_corr_samples,
+    residual_corr_data, span_capture, inpaint_rmse_uncond, inpaint_rmse_cond, inpaint_nll_bpd (random patches),
+    the same three with suffix ``_maxvar`` (the patch of largest marginal variance), spectrum_dist_mean,
+    spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's keys prefixed
+    ``pca_``, and dataset, head, rank, latent, epochs, train_seconds, split, num_images, dequantized, seed,
+    eval_seconds.
+    """
+    from .checkpoint import SUMMARY, atomic_write_json, load_run
+    from .data import load_dataset
+
+    o = _check_options(split, options)
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run_dir: {run_dir} is not a directory; give the --out folder of a training run")
+    device = o["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    start_time = time.perf_counter()
+    model, config = load_run(run_dir, device=device)
+    summary_path = run_dir / SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    dequantize = config.dequantize if o["dequantize"] is None else o["dequantize"]
+
+    data_options: dict[str, Any] = {} if o["num_images"] is None else dict(max_items=o["num_images"])
+    dataset = load_dataset(config.dataset, split, image_size=config.image_size, root=config.root, **data_options)
+    images = _stack_images(dataset, o["num_images"])
+    truth = getattr(dataset, "ground_truth", None)
+    true_factor = truth["cov_factor"] if isinstance(truth, dict) and "cov_factor" in truth else None
+
+    torch.manual_seed(o["seed"])  # anything inside the model that draws from the global generator
+    common = dict(num_samples=o["num_samples"], batch_size=o["batch_size"], patch=o["patch"], seed=o["seed"],
+                  dequantize=dequantize, true_factor=true_factor)
+    result: dict[str, Any] = dict(dataset=config.dataset, head=config.head, rank=int(model.rank),
+                                  latent=int(config.latent), split=split, num_images=int(images.shape[0]),
+                                  dequantized=bool(dequantize), seed=o["seed"],
+                                  target_kl=None if config.beta is not None else float(config.target_kl),
+                                  epochs=int(summary.get("epochs", config.epochs)),
+                                  train_seconds=summary.get("train_seconds"))
+    result.update(evaluate_model(model, images, k=o["k"], progress=o["progress"], **common))
+    if o["pca"]:
+        rank = int(model.rank) if model.rank > 0 else int(config.rank)
+        train_options: dict[str, Any] = dict(max_items=min(o["pca_train_items"], config.max_items or o["pca_train_items"]))
+        train_set = load_dataset(config.dataset, "train", image_size=config.image_size, root=config.root,
+                                 augment=False, **train_options)
+        train_images = _stack_images(train_set, train_options["max_items"])
+        rank = min(rank, min(train_images.shape[0], math.prod(train_images.shape[1:])) - 1)
+        fit = fit_pca(train_images.reshape(train_images.shape[0], -1), rank, seed=o["seed"])
+        base = evaluate_pca(fit, images, **common)
+        result.update({f"pca_{key}": value for key, value in base.items()})
+        result["pca_rank"] = rank
+    result["eval_seconds"] = time.perf_counter() - start_time
+    if o["write"]:
+        atomic_write_json(run_dir / f"eval_{split}.json", result)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sosvae_lib.evaluate",
+                                description="Evaluate a training run; print and write RUN_DIR/eval_<split>.json.")
+    p.add_argument("run_dir", help="output folder of `python -m sosvae_lib.train`")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--k", type=int, default=DEFAULTS["k"], help="importance samples of the IWAE bound")
+    p.add_argument("--num-images", type=int, default=DEFAULTS["num_images"],
+                   help="test images scored (0 = the whole split)")
+    p.add_argument("--num-samples", type=int, default=None, help="prior draws (default: as many as images)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--patch", type=int, default=DEFAULTS["patch"], help="side of the revealed inpainting square")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--no-pca", action="store_true", help="skip the PPCA baseline")
+    p.add_argument("--pca-train-items", type=int, default=DEFAULTS["pca_train_items"])
+    p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", default=DEFAULTS["device"])
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = evaluate(args.run_dir, split=args.split, k=args.k,
+                          num_images=None if args.num_images == 0 else args.num_images,
+                          num_samples=args.num_samples, batch_size=args.batch_size, patch=args.patch,
+                          seed=args.seed, pca=not args.no_pca, pca_train_items=args.pca_train_items,
+                          dequantize=args.dequantize, device=args.device, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
