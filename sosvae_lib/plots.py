@@ -1,0 +1,427 @@
+"""Every figure of the SOS-VAE reproduction (Langley et al., "Structured Uncertainty in the Observation Space of
+Variational Autoencoders", TMLR 2022), each a function that returns a `matplotlib.figure.Figure`.
+
+- `samples_figure`: the paper's six rows for prior draws — μ; a sample y; y − μ; the variance map diag Σ; Σ₊^(i)
+  and Σ₋^(i), the positive and negative parts of the covariance row of one pixel i on the object — one block per
+  model (``lowrank`` beside ``diagonal``).
+- `editor_figure`: the interactive editor — dark strokes on a mean propagated by Gaussian conditioning (before /
+  after / change), and completions sampled given a revealed 10×10 patch.
+- `sweeps_figure`: each column of P, or each principal direction of P Pᵀ, swept from −3 to +3 standard deviations.
+- `interpolation_figure`: lerp and slerp between two latent codes, means and samples with fixed observation noise.
+- `training_curves_figure`: NLL, KL against its target, and λ per epoch.
+- `metrics_vs_rank_figure`: test NLL, residual correlation and span capture against the rank R.
+- `save_figure`: writes .png and .pdf atomically.
+
+Figure functions accept either a model (``.decode``, ``.latent_dim``, ``.image_shape``) or the precomputed result
+of the matching `sosvae_lib.components` function, so a notebook can record the numbers it shows (``.summary()``)
+from the very tensors it plots. Figures are built without pyplot (no global state, nothing left open).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from . import components as C
+
+Shape = tuple[int, int, int]
+FORMATS = ("png", "pdf")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Saving and small helpers
+# -------------------------------------------------------------------------------------------------------------
+
+def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = FORMATS, dpi: int = 150) -> list[Path]:
+    """Write ``fig`` to ``stem.<format>`` for each format, each atomically (rendered to memory, written to a
+    temporary file in the same folder, then `os.replace`d). Returns the paths written."""
+    stem = Path(stem)
+    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if bad or not formats:
+        raise ValueError(f"formats: must be a non-empty subset of png, pdf, svg, got {list(formats)}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", metadata=_metadata(fmt))
+        path = stem.parent / f"{stem.name}.{fmt}"
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getvalue())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        paths.append(path)
+    return paths
+
+
+def _metadata(fmt: str) -> dict[str, Any]:
+    # no creation dates: re-rendering the same figure gives the same file
+    if fmt == "pdf":
+        return {"CreationDate": None}
+    if fmt == "svg":
+        return {"Date": None}
+    return {}
+
+
+def _is_model(obj: Any) -> bool:
+    return hasattr(obj, "decode") and hasattr(obj, "latent_dim")
+
+
+def _label(name: str, rank: int) -> str:
+    return f"{name} (R={rank})" if rank > 0 else f"{name} (pixel-wise)"
+
+
+def _image(x: torch.Tensor, shape: Shape) -> np.ndarray:
+    """Flat [D] image in [0, 1] → array for imshow ([H, W] grey or [H, W, 3] RGB), clipped to [0, 1]."""
+    c, h, w = shape
+    a = x.detach().float().reshape(c, h, w).clamp(0, 1).cpu().numpy()
+    return a[0] if c == 1 else np.transpose(a, (1, 2, 0))
+
+
+def _signed(x: torch.Tensor, shape: Shape, scale: float) -> tuple[np.ndarray, dict]:
+    """Flat signed map [D] → (array, imshow kwargs): grey images on a diverging colormap in [−scale, scale];
+    RGB images as 0.5 + x / (2·scale) per channel (grey = 0)."""
+    c, h, w = shape
+    a = x.detach().float().reshape(c, h, w).cpu().numpy()
+    scale = max(float(scale), 1e-12)
+    if c == 1:
+        return a[0], dict(cmap="RdBu_r", vmin=-scale, vmax=scale)
+    return np.clip(0.5 + np.transpose(a, (1, 2, 0)) / (2 * scale), 0, 1), {}
+
+
+def _magnitude(x: torch.Tensor, shape: Shape, scale: float, cmap: str) -> tuple[np.ndarray, dict]:
+    """Flat non-negative map [D] → a heat map of its per-pixel sum over channels in [0, scale]."""
+    c, h, w = shape
+    a = x.detach().float().reshape(c, h, w).sum(0).cpu().numpy()
+    return a, dict(cmap=cmap, vmin=0.0, vmax=max(float(scale), 1e-12))
+
+
+def _robust_max(x: torch.Tensor, q: float = 0.995) -> float:
+    x = x.detach().double().abs().flatten()
+    if x.numel() == 0:
+        return 1.0
+    if x.numel() > 1_000_000:
+        x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    v = float(torch.quantile(x, q))
+    return v if v > 0 else float(x.max()) or 1.0
+
+
+def _blank(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+def _show(ax, arr: np.ndarray, **kw) -> None:
+    if arr.ndim == 2 and "cmap" not in kw:
+        kw = dict(kw, cmap="gray", vmin=0.0, vmax=1.0)
+    ax.imshow(arr, interpolation="nearest", **kw)
+    _blank(ax)
+
+
+def _outline(ax, mask: torch.Tensor, shape: Shape, color: str = "#ff2d2d") -> None:
+    c, h, w = shape
+    m = mask.reshape(c, h, w)[0].float().cpu().numpy()
+    if m.any():
+        ax.contour(m, levels=[0.5], colors=color, linewidths=0.8)
+
+
+def _grid(rows: int, cols: int, cell: float = 1.0, extra_w: float = 0.0, extra_h: float = 0.0) -> Figure:
+    fig = Figure(figsize=(cols * cell + extra_w, rows * cell + extra_h), layout="constrained")
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The six-row sample figure
+# -------------------------------------------------------------------------------------------------------------
+
+SAMPLE_ROWS = ("μ", "sample y", "y − μ", "variance", "Σ₊⁽ⁱ⁾", "Σ₋⁽ⁱ⁾")
+
+
+def samples_figure(models: Mapping[str, Any], n: int = 10, seed: int = 0, pixel: int | None = None) -> Figure:
+    """The paper's sample figure: for n prior draws (the same z for every model), six rows — μ; a sample y;
+    y − μ; the variance map; Σ₊^(i) and Σ₋^(i), the positive part and the magnitude of the negative part of the
+    covariance row of pixel i (marked ×), chosen on the object from the first model — one block per model,
+    side by side. ``models`` maps a label (``lowrank``, ``diagonal``) to a model or a `components.PriorPanel`.
+
+    Colour scales are shared within a block (y − μ on a diverging map; variance and Σ± on heat maps, their
+    maxima printed on the row labels)."""
+    if not models:
+        raise ValueError("models: need at least one model")
+    panels: dict[str, C.PriorPanel] = {}
+    for name, m in models.items():
+        if _is_model(m):
+            m = C.prior_panel(m, n=n, seed=seed, pixel=pixel)
+            pixel = m.pixel if pixel is None else pixel
+        panels[name] = m
+    n = min(p.mean.shape[0] for p in panels.values())
+    fig = _grid(6, n * len(panels), cell=0.8, extra_w=0.9 * len(panels), extra_h=0.5)
+    subfigs = fig.subfigures(1, len(panels), wspace=0.02) if len(panels) > 1 else [fig]
+    for sub, (name, p) in zip(np.atleast_1d(subfigs), panels.items()):
+        shape = p.image_shape
+        axes = sub.subplots(6, n, squeeze=False, gridspec_kw=dict(wspace=0.04, hspace=0.04))
+        r_scale = _robust_max(p.residual)
+        v_scale = float(p.variance.reshape(p.variance.shape[0], shape[0], -1).sum(1).max())
+        c_scale = max(float(p.cov_pos.reshape(p.cov_pos.shape[0], shape[0], -1).sum(1).max()),
+                      float(p.cov_neg.reshape(p.cov_neg.shape[0], shape[0], -1).sum(1).max()))
+        _, pr, pc = p.pixel_chw
+        for j in range(n):
+            _show(axes[0, j], _image(p.mean[j], shape))
+            _show(axes[1, j], _image(p.sample[j], shape))
+            a, kw = _signed(p.residual[j], shape, r_scale)
+            _show(axes[2, j], a, **kw)
+            a, kw = _magnitude(p.variance[j], shape, v_scale, "magma")
+            _show(axes[3, j], a, **kw)
+            a, kw = _magnitude(p.cov_pos[j], shape, c_scale, "Reds")
+            _show(axes[4, j], a, **kw)
+            a, kw = _magnitude(p.cov_neg[j], shape, c_scale, "Blues")
+            _show(axes[5, j], a, **kw)
+            for r in (4, 5):
+                axes[r, j].plot([pc], [pr], marker="x", color="#1a9641", markersize=4, mew=1.0)
+        labels = [SAMPLE_ROWS[0], SAMPLE_ROWS[1], f"{SAMPLE_ROWS[2]}\n±{r_scale:.2g}", f"{SAMPLE_ROWS[3]}\n≤{v_scale:.2g}",
+                  f"{SAMPLE_ROWS[4]}\n≤{c_scale:.2g}", SAMPLE_ROWS[5]]
+        for r, text in enumerate(labels):
+            axes[r, 0].set_ylabel(text, fontsize=7, rotation=0, ha="right", va="center")
+        sub.suptitle(_label(name, p.rank), fontsize=9)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The editor
+# -------------------------------------------------------------------------------------------------------------
+
+def editor_figure(edits: Mapping[str, tuple[C.EditResult, C.Completions]]) -> Figure:
+    """The editor figure, two rows per model. Row 1: μ; μ after the first dark stroke (outlined red), propagated
+    by conditioning; the change it caused; after a second stroke elsewhere; the cumulative change. Row 2: the true
+    image with the revealed 10×10 patch outlined; μ; the conditional mean given the patch; completions sampled from
+    the conditional. ``edits`` maps a label to (`components.edit_strokes`, `components.patch_completions`) results.
+    For a pixel-wise independent model the change outside the strokes is exactly zero."""
+    if not edits:
+        raise ValueError("edits: need at least one model")
+    n_samples = max(c.samples.shape[0] for _, c in edits.values())
+    cols = max(5, 3 + n_samples)
+    fig = _grid(2 * len(edits), cols, cell=1.05, extra_h=0.4 * len(edits))
+    subfigs = fig.subfigures(len(edits), 1, hspace=0.03) if len(edits) > 1 else [fig]
+    for sub, (name, (e, comp)) in zip(np.atleast_1d(subfigs), edits.items()):
+        shape = e.image_shape
+        axes = sub.subplots(2, cols, squeeze=False, gridspec_kw=dict(wspace=0.05, hspace=0.18))
+        for ax in axes.flat:
+            _blank(ax)
+        scale = max(_robust_max(e.change, 1.0), 1 / 255)
+        _show(axes[0, 0], _image(e.before, shape))
+        axes[0, 0].set_title("μ", fontsize=7)
+        for s in range(min(2, e.after.shape[0])):
+            col = 1 + 2 * s
+            _show(axes[0, col], _image(e.after[s], shape))
+            _outline(axes[0, col], e.masks[s], shape)
+            axes[0, col].set_title(f"stroke {s + 1} → propagated", fontsize=7)
+            change = e.change[s].masked_fill(e.masks[s], 0.0)  # the stroke itself is not "propagated"
+            a, kw = _signed(change, shape, scale)
+            _show(axes[0, col + 1], a, **kw)
+            _outline(axes[0, col + 1], e.masks[s], shape, color="k")
+            axes[0, col + 1].set_title(f"change (±{scale:.2g})", fontsize=7)
+        _show(axes[1, 0], _image(comp.truth, shape))
+        c, h, w = shape
+        rows = comp.mask.reshape(c, h, w)[0].any(1).nonzero().flatten()
+        cols_ = comp.mask.reshape(c, h, w)[0].any(0).nonzero().flatten()
+        if rows.numel():
+            for ax in (axes[1, 0],):
+                ax.add_patch(Rectangle((int(cols_[0]) - 0.5, int(rows[0]) - 0.5), len(cols_), len(rows),
+                                       fill=False, edgecolor="#ff2d2d", linewidth=1.0))
+        axes[1, 0].set_title("truth, patch", fontsize=7)
+        _show(axes[1, 1], _image(comp.uncond_mean, shape))
+        axes[1, 1].set_title("μ", fontsize=7)
+        _show(axes[1, 2], _image(comp.cond_mean, shape))
+        axes[1, 2].set_title("E[x | patch]", fontsize=7)
+        for j in range(comp.samples.shape[0]):
+            _show(axes[1, 3 + j], _image(comp.samples[j], shape))
+            _outline(axes[1, 3 + j], comp.mask, shape)
+            axes[1, 3 + j].set_title(f"completion {j + 1}", fontsize=7)
+        sub.suptitle(name, fontsize=9)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Component sweeps and interpolation
+# -------------------------------------------------------------------------------------------------------------
+
+def sweeps_figure(sweeps: C.Sweeps, kind: str = "principal", max_rows: int | None = 10, title: str = "") -> Figure:
+    """One row per component, one column per t ∈ sweeps.ts (−3 … +3 standard deviations), plus a last column with
+    the direction itself (image at +1 minus μ, diverging colours). ``kind``: ``columns`` (columns of P, by
+    decreasing norm) or ``principal`` (eigen-directions of P Pᵀ, by decreasing eigenvalue)."""
+    if kind not in ("columns", "principal"):
+        raise ValueError(f"kind: must be 'columns' or 'principal', got {kind!r}")
+    images = sweeps.columns if kind == "columns" else sweeps.principal
+    k = images.shape[0] if max_rows is None else min(images.shape[0], max_rows)
+    t = sweeps.ts
+    shape = sweeps.image_shape
+    fig = _grid(k, len(t) + 1, cell=0.85, extra_w=1.0, extra_h=0.4)
+    axes = fig.subplots(k, len(t) + 1, squeeze=False, gridspec_kw=dict(wspace=0.04, hspace=0.04))
+    directions = (images[:k, -1] - sweeps.mean) / float(t[-1]) if float(t[-1]) != 0 else images[:k, -1] * 0
+    scale = _robust_max(directions, 1.0)
+    for i in range(k):
+        for j in range(len(t)):
+            _show(axes[i, j], _image(images[i, j], shape))
+        a, kw = _signed(directions[i], shape, scale)
+        _show(axes[i, -1], a, **kw)
+        if kind == "columns":
+            idx = sweeps.column_order[i] if sweeps.column_order else i
+            label = f"P[:, {idx}]\n‖·‖={float(sweeps.column_norms[idx]):.2g}"
+        else:
+            label = f"u{i + 1}\nw={float(sweeps.eigenvalues[i]):.2g}"
+        axes[i, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    for j in range(len(t)):
+        axes[0, j].set_title(f"{float(t[j]):+g}σ", fontsize=7)
+    axes[0, -1].set_title(f"direction (±{scale:.2g})", fontsize=7)
+    what = "columns of P" if kind == "columns" else "principal directions of P Pᵀ"
+    fig.suptitle(title or f"{what}, swept from {float(t[0]):+g} to {float(t[-1]):+g}", fontsize=9)
+    return fig
+
+
+def interpolation_figure(models: Mapping[str, Any], steps: int = 8, seed: int = 0) -> Figure:
+    """Latent interpolation between two prior draws: for each model, rows lerp μ, lerp sample, slerp μ, slerp
+    sample, with one fixed observation noise along each row. ``models`` maps a label to a model or a
+    `components.Interpolation`."""
+    if not models:
+        raise ValueError("models: need at least one model")
+    interps = {name: (C.interpolate(m, steps=steps, seed=seed) if _is_model(m) else m) for name, m in models.items()}
+    steps = min(len(i.ts) for i in interps.values())
+    fig = _grid(4 * len(interps), steps, cell=0.85, extra_w=1.1, extra_h=0.4 * len(interps))
+    subfigs = fig.subfigures(len(interps), 1, hspace=0.02) if len(interps) > 1 else [fig]
+    for sub, (name, it) in zip(np.atleast_1d(subfigs), interps.items()):
+        axes = sub.subplots(4, steps, squeeze=False, gridspec_kw=dict(wspace=0.04, hspace=0.04))
+        rows = [("lerp μ", it.means["lerp"]), ("lerp y", it.samples["lerp"]),
+                ("slerp μ", it.means["slerp"]), ("slerp y", it.samples["slerp"])]
+        for r, (label, imgs) in enumerate(rows):
+            for j in range(steps):
+                _show(axes[r, j], _image(imgs[j], it.image_shape))
+            axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+        for j in range(steps):
+            axes[0, j].set_title(f"t={float(it.ts[j]):.2g}", fontsize=7)
+        sub.suptitle(f"{name}: interpolation, fixed observation noise", fontsize=9)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Training curves and metrics against rank
+# -------------------------------------------------------------------------------------------------------------
+
+def load_history(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """The per-epoch rows of ``run_dir/metrics.csv`` (written by `sosvae_lib.train`) as dicts of floats."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir: no metrics.csv in {run_dir}; train a run there first")
+    with path.open(newline="") as f:
+        return [{k: _float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, float]] | str | os.PathLike]) -> Figure:
+    """Three panels against epoch, one line per run: NLL (bits per dimension), KL(q‖p) with its target T dashed,
+    and the Lagrange multiplier λ. ``histories`` maps a label to a run directory or to `load_history` rows."""
+    if not histories:
+        raise ValueError("histories: need at least one run")
+    rows = {k: (load_history(v) if isinstance(v, (str, os.PathLike)) else list(v)) for k, v in histories.items()}
+    fig = Figure(figsize=(10, 3), layout="constrained")
+    axes = fig.subplots(1, 3)
+    colors = _colors(len(rows))
+    for (name, hist), color in zip(rows.items(), colors):
+        if not hist:
+            continue
+        ep = [r["epoch"] for r in hist]
+        axes[0].plot(ep, [r["nll_bpd"] for r in hist], marker=".", color=color, label=name)
+        axes[1].plot(ep, [r["kl"] for r in hist], marker=".", color=color, label=name)
+        target = [r.get("target_kl", float("nan")) for r in hist]
+        if any(math.isfinite(t) for t in target):
+            axes[1].plot(ep, target, ls="--", color=color, lw=0.8)
+        axes[2].plot(ep, [r["lambda"] for r in hist], marker=".", color=color, label=name)
+    axes[0].set_ylabel("train NLL (bits/dim)")
+    axes[1].set_ylabel("KL(q‖p) (nats); target dashed")
+    axes[2].set_ylabel("λ")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+RANK_PANELS = (("test_nll_bpd", "test NLL (bits/dim)"), ("residual_corr_samples", "lag-1 corr. of y − μ"),
+               ("span_capture", "span capture of x − μ(x)"))
+
+
+def metrics_vs_rank_figure(rows: Iterable[Mapping[str, Any]]) -> Figure:
+    """Test NLL, the lag-1 spatial correlation of sample residuals and the span capture against the rank R, one
+    colour per dataset: ``lowrank`` (and ``lowrank-diag``) as lines with markers, the PPCA baseline (head ``pca``)
+    dotted, the pixel-wise ``diagonal`` model as a dashed horizontal line, and, on the correlation panel, the
+    correlation of the data residuals x − μ(x) (grey band over the lowrank runs) the samples should match."""
+    rows = [dict(r) for r in rows]
+    if not rows:
+        raise ValueError("rows: need at least one metrics row")
+    datasets = sorted({r["dataset"] for r in rows})
+    fig = Figure(figsize=(11, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(RANK_PANELS))
+    for color, ds in zip(_colors(len(datasets)), datasets):
+        mine = [r for r in rows if r["dataset"] == ds]
+        for head, style in (("lowrank", dict(marker="o", ls="-")), ("lowrank-diag", dict(marker="s", ls="-.")),
+                            ("pca", dict(marker="^", ls=":"))):
+            pts = sorted((int(r["rank"]), r) for r in mine if r["head"] == head and int(r["rank"]) > 0)
+            if not pts:
+                continue
+            for ax, (key, _) in zip(axes, RANK_PANELS):
+                xs = [k for k, r in pts if _finite(r.get(key))]
+                ys = [float(r[key]) for k, r in pts if _finite(r.get(key))]
+                if xs:
+                    ax.plot(xs, ys, color=color, label=f"{ds} {head}", **style)
+            if head == "lowrank":
+                data_corr = [float(r["residual_corr_data"]) for _, r in pts if _finite(r.get("residual_corr_data"))]
+                if data_corr:
+                    axes[1].axhspan(min(data_corr), max(data_corr) + 1e-3, color=color, alpha=0.15, lw=0)
+        for r in mine:
+            if r["head"] == "diagonal":
+                for ax, (key, _) in zip(axes, RANK_PANELS):
+                    if _finite(r.get(key)):
+                        ax.axhline(float(r[key]), color=color, ls="--", lw=1.0, label=f"{ds} diagonal")
+    for ax, (_, label) in zip(axes, RANK_PANELS):
+        ax.set_xscale("log")
+        ax.set_xlabel("rank R")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.suptitle("metrics against rank (band: lag-1 corr. of the data residuals x − μ(x))", fontsize=9)
+    return fig
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
