@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = dict(
     seed=0,             # seeds dequantisation noise, importance samples, patch positions and prior draws
     pca=True,           # also score the PPCA baseline of the same rank (keys prefixed "pca_")
     pca_train_items=2000,  # training images used to fit the baseline (deterministic subset)
-    dequantize=None,    # None: as the run was trained (TrainConfig.dequantize)
+    dequantize=None,    # None: as the run was trained (TrainConfig.dequantize), and only for 8-bit data
     device="cpu",       # "cpu", "cuda", "cuda:N" or "auto"
     progress=True,      # tqdm bars on stderr
     write=True,         # write run_dir/eval_<split>.json
@@ -269,11 +269,12 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     model, config = load_run(run_dir, device=device)
     summary_path = run_dir / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    dequantize = config.dequantize if o["dequantize"] is None else o["dequantize"]
-
     data_options: dict[str, Any] = {} if o["num_images"] is None else dict(max_items=o["num_images"])
     dataset = load_dataset(config.dataset, split, image_size=config.image_size, root=config.root, **data_options)
     images = _stack_images(dataset, o["num_images"])
+    # Only 8-bit data are dequantised (a float data set such as `synthetic` is scored as it is).
+    eight_bit = getattr(getattr(dataset, "images", None), "dtype", torch.uint8) == torch.uint8
+    dequantize = (config.dequantize and eight_bit) if o["dequantize"] is None else o["dequantize"]
     truth = getattr(dataset, "ground_truth", None)
     true_factor = truth["cov_factor"] if isinstance(truth, dict) and "cov_factor" in truth else None
 

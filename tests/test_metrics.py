@@ -292,3 +292,93 @@ def test_pca_randomised_matches_exact(monkeypatch):
     assert approx.noise_var == pytest.approx(exact.noise_var, rel=1e-3)
     with pytest.raises(ValueError, match="rank"):
         P.fit_pca(x, 40)
+
+
+# ------------------------------------------------------------------------------------------------- evaluate() on runs
+
+EVAL_KEYS = ("test_nll_bpd", "elbo_bpd", "iwae_k", "kl_nats", "target_kl", "residual_corr_samples",
+             "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond", "inpaint_nll_bpd",
+             "inpaint_rmse_uncond_maxvar", "inpaint_rmse_cond_maxvar", "inpaint_nll_bpd_maxvar",
+             "spectrum_dist_mean", "spectrum_dist_samples", "dataset", "head", "rank", "latent", "epochs",
+             "train_seconds")
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    from sosvae_lib.config import TrainConfig
+    from sosvae_lib.train import train
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, overrides in (("lowrank", dict(head="lowrank")), ("diagonal", dict(head="diagonal")),
+                            ("synthetic", dict(head="lowrank", dataset="synthetic", max_items=16))):
+        train(TrainConfig.preset("smoke", **overrides), root / name, progress=False)
+        runs[name] = root / name
+    return runs
+
+
+def test_evaluate_lowrank_run(smoke_runs):
+    import json
+
+    from sosvae_lib.evaluate import evaluate
+
+    run = smoke_runs["lowrank"]
+    out = evaluate(run, k=4, progress=False)
+    for key in EVAL_KEYS:
+        assert key in out, key
+        if isinstance(out[key], float):
+            assert math.isfinite(out[key]), key
+    assert "span_angle_deg" not in out  # no ground truth for orl
+    assert out["iwae_k"] == 4 and out["head"] == "lowrank" and out["rank"] == 2 and out["dequantized"]
+    assert out["num_images"] == 40 and out["epochs"] == 1 and out["target_kl"] == 5.0
+    # The IWAE bound is at least as tight as the ELBO on average (same model, same images).
+    assert out["test_nll_bpd"] <= out["elbo_bpd"] + 1e-6
+    assert 0.0 < out["span_capture"] < 1.0 and 0.0 < out["pca_span_capture"] < 1.0
+    assert out["pca_rank"] == 2 and math.isfinite(out["pca_test_nll_bpd"])
+    saved = json.loads((run / "eval_test.json").read_text())
+    assert saved == pytest.approx(out)
+    # Everything random is seeded: a repeat gives the same numbers; another seed changes the stochastic ones.
+    again = evaluate(run, k=4, progress=False, write=False, pca=False)
+    assert again["test_nll_bpd"] == out["test_nll_bpd"] and again["inpaint_rmse_cond"] == out["inpaint_rmse_cond"]
+    other = evaluate(run, k=4, progress=False, write=False, pca=False, seed=1, num_images=10)
+    assert other["num_images"] == 10 and other["test_nll_bpd"] != out["test_nll_bpd"]
+
+
+def test_evaluate_diagonal_run(smoke_runs):
+    from sosvae_lib.evaluate import evaluate
+
+    out = evaluate(smoke_runs["diagonal"], k=2, progress=False, pca=False, write=False)
+    assert out["rank"] == 0 and out["span_capture"] == 0.0
+    # Pixel-wise independence: conditioning leaves hidden pixels alone and samples carry white noise.
+    assert out["inpaint_rmse_cond"] == out["inpaint_rmse_uncond"]
+    assert out["inpaint_rmse_cond_maxvar"] == out["inpaint_rmse_uncond_maxvar"]
+    assert abs(out["residual_corr_samples"]) < 0.05
+    assert not any(key.startswith("pca_") for key in out)
+
+
+def test_evaluate_synthetic_span_angle_and_cli(smoke_runs, capsys):
+    import json
+
+    from sosvae_lib.evaluate import main
+
+    run = smoke_runs["synthetic"]
+    assert main([str(run), "--k", "2", "--num-images", "50", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not out["dequantized"]  # float data are scored as they are
+    assert 0.0 <= out["span_angle_deg"] <= 90.0 and 0.0 <= out["pca_span_angle_deg"] <= 90.0
+    assert json.loads((run / "eval_test.json").read_text())["num_images"] == 50
+
+
+def test_evaluate_rejects_bad_options(smoke_runs, tmp_path, capsys):
+    from sosvae_lib.evaluate import evaluate, main
+
+    with pytest.raises(ValueError, match="^k:"):
+        evaluate(smoke_runs["lowrank"], k=0)
+    with pytest.raises(ValueError, match="^split:"):
+        evaluate(smoke_runs["lowrank"], split="dev")
+    with pytest.raises(ValueError, match="^colour:"):
+        evaluate(smoke_runs["lowrank"], colour=True)
+    with pytest.raises(FileNotFoundError, match="run_dir"):
+        evaluate(tmp_path / "missing")
+    assert main([str(tmp_path), "--no-progress"]) == 2
+    assert "run_dir" in capsys.readouterr().err
