@@ -63,6 +63,7 @@ _SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 500}
 # Decoded image sets of this process: key -> uint8 tensor [N, C, H, W].
 _CACHE: dict[tuple, torch.Tensor] = {}
 _CACHE_LIMIT_BYTES = 4 * 2**30
+_DISK_CACHE_MIN_FILES = 256
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,15 +87,15 @@ class ImageDataset(Dataset):
         self.groups, self.labels, self.root = groups, labels, root
         self.return_labels = bool(return_labels)
         self.image_shape = tuple(int(s) for s in images.shape[1:])
-        self._scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
+        self._uint8 = images.dtype == torch.uint8
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def __getitem__(self, index: int):
         x = self.images[index].float()
-        if self._scale != 1.0:
-            x = x * self._scale
+        if self._uint8:
+            x = x / 255.0
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         if self.return_labels:
@@ -241,6 +242,49 @@ def _stable_seed(*parts: Any) -> int:
     """A seed from strings / ints that is the same in every process (Python's hash() is not)."""
     digest = hashlib.sha1("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def cache_dir() -> Path | None:
+    """Folder of the on-disk cache of decoded image sets: ``$SOSVAE_CACHE_DIR``, else ``~/.cache/sosvae``;
+    ``SOSVAE_CACHE_DIR=off`` disables it."""
+    env = os.environ.get("SOSVAE_CACHE_DIR")
+    if env is not None and env.strip().lower() in ("", "off", "0", "none"):
+        return None
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sosvae"
+
+
+def _disk_cached(key: tuple, files: Sequence[str], build: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """Wrap ``build`` (decoding ``files``) with a cache on disk, so that a new process reads 10,000 decoded
+    CelebA images in a fraction of a second instead of decoding them again. The entry's name hashes ``key`` and
+    every file's path, size and modification time, so a changed file is decoded again. Small sets are not worth
+    it and are always decoded."""
+    folder = cache_dir()
+    if folder is None or len(files) < _DISK_CACHE_MIN_FILES:
+        return build
+
+    def cached() -> torch.Tensor:
+        h = hashlib.sha1(repr(key[:-1]).encode())
+        for f in files:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        path = folder / f"{key[0]}-{h.hexdigest()[:20]}.npy"
+        if path.is_file():
+            try:
+                return torch.from_numpy(np.load(path))
+            except (OSError, ValueError):  # a damaged entry: decode again and overwrite it
+                pass
+        value = build()
+        try:  # a read-only or full disk only costs the speed-up
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as fh:
+                np.save(fh, value.numpy())
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        return value
+
+    return cached
 
 
 def _cache_get(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -459,8 +503,10 @@ def _load_fashion_mnist(split: str, hw: tuple[int, int] | None, root: Path | Non
         perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(opts["split_seed"])))
         index = (perm[:val_size] if split == "val" else perm[val_size:]).sort().values
     index = index[_subset(len(index), opts["max_items"], opts["subset_seed"])]
-    return ImageDataset("fashion-mnist", split, images[index], flip=flip, labels=labels[index], root=str(folder),
-                        return_labels=opts["return_labels"])
+    ds = ImageDataset("fashion-mnist", split, images[index], flip=flip, labels=labels[index], root=str(folder),
+                      return_labels=opts["return_labels"])
+    ds.source_index = index  # position of each item in the official train or test file
+    return ds
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -479,16 +525,22 @@ def celeba_candidates(root: Path | None) -> list[Path]:
     return out + [Path("data") / "celeba", Path.home() / "data" / "celeba", project.parent / "shared" / "data" / "celeba"]
 
 
+_TABLES: dict[tuple, dict[str, int]] = {}
+
+
 def _read_table(path: Path) -> dict[str, int]:
-    """``file value`` rows of a CelebA annotation file (the partition or the identity list)."""
-    out: dict[str, int] = {}
+    """``file value`` rows of a CelebA annotation file (the partition or the identity list), cached per process."""
     try:
-        tokens = path.read_text().split()
-        for i in range(0, len(tokens) - 1, 2):
-            out[tokens[i]] = int(tokens[i + 1])
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _TABLES:
+            tokens = path.read_text().split()
+            if len(tokens) % 2:
+                raise ValueError("odd number of fields")
+            _TABLES[key] = dict(zip(tokens[::2], map(int, tokens[1::2])))
+        return _TABLES[key]
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"celeba: cannot read {path} ({err}); it must hold rows '<file>.jpg <number>'") from None
-    return out
 
 
 def _split_groups(files: list[str], groups: list[int], fractions: tuple[float, float, float],
@@ -509,7 +561,7 @@ def _split_groups(files: list[str], groups: list[int], fractions: tuple[float, f
     for k in order:
         idx = members[ids[k]]
         need = [target[j] - count[j] if fractions[j] > 0 else -math.inf for j in range(3)]
-        j = int(np.argmax(need))
+        j = need.index(max(need))
         count[j] += len(idx)
         out[SPLITS[j]].extend(idx)
     return {s: sorted(v) for s, v in out.items()}
@@ -556,7 +608,8 @@ def _load_celeba(split: str, hw: tuple[int, int] | None, root: Path | None, flip
     if hw is None and opts["crop"]:
         hw = _DEFAULT_SIZE["celeba"]
     key = ("celeba", str(image_dir.resolve()), hw, crop, tuple(files))
-    images = _cache_get(key, lambda: _decode_all(files, "RGB", hw, crop, "celeba", opts["num_threads"]))
+    images = _cache_get(key, _disk_cached(key, files, lambda: _decode_all(files, "RGB", hw, crop, "celeba",
+                                                                         opts["num_threads"])))
     groups = torch.tensor([identity.get(present[i], -1) for i in index], dtype=torch.long) if identity else None
     return ImageDataset("celeba", split, images, flip=flip, files=files, groups=groups, root=str(folder))
 
@@ -593,7 +646,8 @@ def _load_folder(split: str, hw: tuple[int, int] | None, root: Path | None, flip
     files = [str(root / r) for r in chosen]
     crop = "square" if opts["crop"] else None
     key = ("folder", str(root.resolve()), hw, crop, mode, tuple(files))
-    images = _cache_get(key, lambda: _decode_all(files, mode, hw, crop, "folder", opts["num_threads"]))
+    images = _cache_get(key, _disk_cached(key, files, lambda: _decode_all(files, mode, hw, crop, "folder",
+                                                                         opts["num_threads"])))
     return ImageDataset("folder", split, images, flip=flip, files=files, root=str(root))
 
 
