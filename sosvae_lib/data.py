@@ -51,7 +51,7 @@ _COMMON_OPTIONS = {"max_items": None, "return_labels": False, "subset_seed": 0}
 _DATASET_OPTIONS: dict[str, dict[str, Any]] = {
     "orl": {"split_sizes": (32, 4, 4), "split_seed": 0},
     "fashion-mnist": {"val_size": 5000, "split_seed": 0},
-    "celeba": {"crop": True, "split_fractions": (0.7, 0.2, 0.1), "split_seed": 0, "num_threads": None},
+    "celeba": {"crop": "auto", "split_fractions": (0.7, 0.2, 0.1), "split_seed": 0, "num_threads": None},
     "folder": {"mode": "L", "crop": True, "split_fractions": (0.8, 0.1, 0.1), "num_threads": None},
     "synthetic": {"channels": 1, "rank": 4, "size": None, "seed": 0, "factor_std": 0.06, "noise_std": 0.02},
 }
@@ -76,7 +76,9 @@ class ImageDataset(Dataset):
     ``flip=True`` mirrors each item left-right with probability 1/2 (drawn from torch's global generator, which
     the `DataLoader` seeds per worker). Attributes: ``name``, ``split``, ``images``, ``image_shape`` (C, H, W),
     ``files`` (source of each item or None), ``groups`` (person / identity per item, long ``[N]``, or None),
-    ``labels`` (class per item, long ``[N]``, or None), ``root`` (folder read, or None), ``flip``.
+    ``labels`` (class per item, long ``[N]``, or None), ``root`` (folder read, or None), ``flip``. Fashion-MNIST
+    sets add ``source_index`` (position in the official file); synthetic sets add ``ground_truth`` and
+    ``clamped_fraction``. ``images`` is shared with the per-process cache: treat it as read-only.
     """
 
     def __init__(self, name: str, split: str, images: torch.Tensor, *, flip: bool = False,
@@ -126,7 +128,8 @@ def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None
     every process; None = all), ``return_labels`` (items become ``(image, label)``; Fashion-MNIST only),
     ``subset_seed``. Per dataset: orl ``split_sizes`` (people, default (32, 4, 4)), ``split_seed``;
     fashion-mnist ``val_size`` (5000), ``split_seed``; celeba ``crop`` (True: centre crop of 148/218 of the
-    height, the usual 64×64 pipeline; False: the full uncropped image, the paper scale), ``split_fractions``
+    height, the usual 64×64 pipeline; False: the full uncropped image, the paper scale; "auto", the default:
+    crop unless ``image_size`` is a non-square (H, W) such as the paper's (218, 178)), ``split_fractions``
     ((0.7, 0.2, 0.1), used only when the images present lack official val / test parts), ``split_seed``,
     ``num_threads``; folder ``mode`` ("L" grayscale | "RGB"), ``crop`` (centre square crop before resizing),
     ``split_fractions`` ((0.8, 0.1, 0.1)), ``num_threads``; synthetic ``channels`` (1), ``rank`` (4), ``size``
@@ -156,6 +159,9 @@ def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None
         raise ValueError(f"return_labels: must be True or False, got {opts['return_labels']!r}")
     if opts["return_labels"] and name != "fashion-mnist":
         raise ValueError(f"return_labels: only fashion-mnist has labels, not {name!r}")
+    threads = opts.get("num_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"num_threads: must be an integer >= 1 or None, got {threads!r}")
     hw = _parse_size(image_size)
     loader: Callable[..., ImageDataset] = {"orl": _load_orl, "fashion-mnist": _load_fashion_mnist,
                                            "celeba": _load_celeba, "folder": _load_folder,
@@ -291,7 +297,8 @@ def _cache_get(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     if key in _CACHE:
         return _CACHE[key]
     value = build()
-    while _CACHE and sum(t.numel() * t.element_size() for t in _CACHE.values()) + value.numel() > _CACHE_LIMIT_BYTES:
+    size = value.numel() * value.element_size()
+    while _CACHE and sum(t.numel() * t.element_size() for t in _CACHE.values()) + size > _CACHE_LIMIT_BYTES:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = value
     return value
@@ -342,7 +349,7 @@ def _decode_all(paths: Sequence[str], mode: str, hw: tuple[int, int] | None, cro
     """
     if not paths:
         return torch.zeros(0, 1 if mode == "L" else 3, *(hw or (1, 1)), dtype=torch.uint8)
-    threads = num_threads or min(4, (os.cpu_count() or 1) + 1)
+    threads = num_threads or min(4, os.cpu_count() or 1)
 
     def work(path: str):
         try:
@@ -569,9 +576,12 @@ def _split_groups(files: list[str], groups: list[int], fractions: tuple[float, f
 
 def _load_celeba(split: str, hw: tuple[int, int] | None, root: Path | None, flip: bool, opts: dict) -> ImageDataset:
     fractions = _check_fractions("split_fractions", opts["split_fractions"])
-    if not isinstance(opts["crop"], bool):
-        raise ValueError(f"crop: must be True (centre crop 148/218 of the height) or False (full image), "
-                         f"got {opts['crop']!r}")
+    crop_opt = opts["crop"]
+    if not (isinstance(crop_opt, bool) or crop_opt == "auto"):
+        raise ValueError(f"crop: must be True (centre crop 148/218 of the height), False (the full image) or 'auto' "
+                         f"(crop unless image_size is a non-square (H, W)), got {crop_opt!r}")
+    if crop_opt == "auto":  # a non-square target such as the paper's (218, 178) asks for the whole image
+        crop_opt = hw is None or hw[0] == hw[1]
     candidates = celeba_candidates(root)
     folder = next((c for c in candidates if (c / "img_align_celeba").is_dir()), None)
     if folder is None:
@@ -604,8 +614,8 @@ def _load_celeba(split: str, hw: tuple[int, int] | None, root: Path | None, flip
         index = _split_groups(present, [identity[f] for f in present], fractions, int(opts["split_seed"]))[split]
     index = [index[k] for k in _subset(len(index), opts["max_items"], opts["subset_seed"]).tolist()]
     files = [str(image_dir / present[i]) for i in index]
-    crop = CELEBA_CROP if opts["crop"] else None
-    if hw is None and opts["crop"]:
+    crop = CELEBA_CROP if crop_opt else None
+    if hw is None and crop_opt:
         hw = _DEFAULT_SIZE["celeba"]
     key = ("celeba", str(image_dir.resolve()), hw, crop, tuple(files))
     images = _cache_get(key, _disk_cached(key, files, lambda: _decode_all(files, "RGB", hw, crop, "celeba",

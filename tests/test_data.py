@@ -135,6 +135,10 @@ def test_error_messages(tmp_path):
         load_dataset("folder", "train", root=tmp_path, mode="CMYK")
     with pytest.raises(ValueError, match=r"^rank: must be < C·H·W = 16"):
         load_dataset("synthetic", "train", image_size=4, rank=16)
+    with pytest.raises(ValueError, match=r"^crop: must be True \(centre crop 148/218 of the height\), False"):
+        load_dataset("celeba", "train", crop="centre")
+    with pytest.raises(ValueError, match=r"^num_threads: must be an integer >= 1 or None, got 0$"):
+        load_dataset("folder", "train", root=tmp_path, num_threads=0)
     with pytest.raises(ValueError, match=r"^noise_std: must be a number in \(0, 0.2\)"):
         load_dataset("synthetic", "train", noise_std=0.0)
 
@@ -250,6 +254,8 @@ def test_celeba_official_partition_on_fake_layout(tmp_path):
     full = load_dataset("celeba", "val", root=root, crop=False)
     y = full[0]
     assert y.shape == (3, 218, 178) and float(y[0, :10].mean()) > 0.8  # the red border is still there
+    assert load_dataset("celeba", "val", root=root, image_size=(218, 178))[0].shape == (3, 218, 178)
+    assert torch.equal(load_dataset("celeba", "val", root=root, image_size=(218, 178)).images, full.images)
     assert load_dataset("celeba", "train", root=root).flip and not full.flip
     # torchvision's layout: root/celeba/img_align_celeba
     assert len(load_dataset("celeba", "test", root=tmp_path)) == 4
