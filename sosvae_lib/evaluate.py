@@ -254,8 +254,8 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     residual_corr_data, span_capture, inpaint_rmse_uncond, inpaint_rmse_cond, inpaint_nll_bpd (random patches),
     the same three with suffix ``_maxvar`` (the patch of largest marginal variance), spectrum_dist_mean,
     spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's keys prefixed
-    ``pca_``, and dataset, head, rank, latent, epochs, train_seconds, split, num_images, dequantized, seed,
-    eval_seconds.
+    ``pca_``, and dataset, head, rank, latent, epochs, complete (summary.json says the run finished),
+    train_seconds, split, num_images, dequantized, seed, eval_seconds.
     """
     from .checkpoint import SUMMARY, atomic_write_json, load_run
     from .data import load_dataset
@@ -288,6 +288,7 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
                                   dequantized=bool(dequantize), seed=o["seed"],
                                   target_kl=None if config.beta is not None else float(config.target_kl),
                                   epochs=int(summary.get("epochs", config.epochs)),
+                                  complete=bool(summary.get("complete", False)),
                                   train_seconds=summary.get("train_seconds"))
     result.update(evaluate_model(model, images, k=o["k"], progress=o["progress"], **common))
     if o["pca"]:

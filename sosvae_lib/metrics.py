@@ -73,7 +73,7 @@ def standard_normal_kl(posterior: Normal) -> torch.Tensor:
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model: LatentModel, x: torch.Tensor, k: int = 16,
+def iwae_log_likelihood(model: LatentModel, x: torch.Tensor, k: int = 8,
                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Importance-sampled log-likelihood and ELBO of images x [B, C, H, W] (already dequantised), in nats.
 
