@@ -104,6 +104,20 @@ class ImageDataset(Dataset):
             return x, int(self.labels[index])
         return x
 
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """A whole batch at once (`DataLoader` calls this instead of one `__getitem__` per item): one gather,
+        one conversion and one flip mask per batch, ~10× faster than item by item for small images."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.images[idx].float()
+        if self._uint8:
+            x = x / 255.0
+        if self.flip:
+            mirror = torch.rand(len(idx)) < 0.5
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        if self.return_labels:
+            return list(zip(x.unbind(0), self.labels[idx].tolist()))
+        return list(x.unbind(0))
+
     def __repr__(self) -> str:
         c, h, w = self.image_shape
         return (f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, shape=({c}, {h}, {w}), "

@@ -319,8 +319,11 @@ def test_fashion_mnist():
     assert x.shape == (1, 32, 32) and float(x.max()) <= 1
     border = sets["test"].images[:, :, :2].float()
     assert float(border.abs().max()) == 0  # padded with black
-    img, label = load_dataset("fashion-mnist", "test", return_labels=True)[0]
+    labelled = load_dataset("fashion-mnist", "test", return_labels=True)
+    img, label = labelled[0]
     assert img.shape == (1, 32, 32) and label == 9  # the first official test image is an ankle boot
+    xb, yb = next(iter(make_loader(labelled, 5, shuffle=False, seed=0)))
+    assert xb.shape == (5, 1, 32, 32) and yb.tolist() == labelled.labels[:5].tolist()
     assert torch.bincount(sets["test"].labels).tolist() == [1000] * 10
     assert load_dataset("fashion-mnist", "val", image_size=28)[0].shape == (1, 28, 28)
     assert load_dataset("fashion-mnist", "val", image_size=16, max_items=5)[0].shape == (1, 16, 16)
@@ -369,6 +372,21 @@ def test_make_loader_seeded_order():
         make_loader(ds, 4, shuffle=True, seed=0, sampler=torch.utils.data.SequentialSampler(ds))
     with pytest.raises(ValueError, match=r"^num_workers: must be an integer >= 0"):
         make_loader(ds, 4, shuffle=True, seed=0, num_workers=-1)
+
+
+def test_loader_batches_flip_per_item_and_workers_are_reproducible():
+    ds = load_dataset("orl", "train", image_size=16, max_items=64)
+    plain = ds.images.float() / 255
+    torch.manual_seed(0)
+    batch = next(iter(make_loader(ds, 64, shuffle=False, seed=0)))
+    same = [torch.equal(batch[i], plain[i]) for i in range(64)]
+    mirrored = [torch.equal(batch[i], plain[i].flip(-1)) for i in range(64)]
+    assert all(a or b for a, b in zip(same, mirrored)) and 16 <= sum(mirrored) <= 48
+    with_workers = lambda: torch.cat(list(make_loader(ds, 16, shuffle=True, seed=4, num_workers=1)))  # noqa: E731
+    first = with_workers()
+    assert first.shape == (64, 1, 16, 16) and torch.equal(first, with_workers())
+    syn = load_dataset("synthetic", "val", size=4)
+    assert next(iter(make_loader(syn, 4, shuffle=False, seed=0))).shape == (4, 1, 16, 16)
 
 
 _CHILD = r"""
