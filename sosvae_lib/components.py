@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .metrics import lag1_correlation, patch_masks
+from .metrics import lag1_correlation, most_uncertain_patch, patch_masks
 
 Shape = tuple[int, int, int]
 
@@ -153,6 +153,16 @@ def prior_panel(model: Any, n: int = 10, seed: int = 0, pixel: int | None = None
     return PriorPanel(image_shape=shape, z=z.cpu(), mean=mean.cpu(), sample=sample.cpu(),
                       residual=(sample - mean).cpu(), variance=variance.cpu(), cov_pos=row.clamp_min(0).cpu(),
                       cov_neg=(-row).clamp_min(0).cpu(), pixel=pixel, rank=_rank_of(dist))
+
+
+def prior_panels(models: dict[str, Any], n: int = 10, seed: int = 0, pixel: int | None = None) -> dict[str, PriorPanel]:
+    """`prior_panel` for several models on the same z and noise; pixel i (None: `object_pixel` of the first
+    model) is shared, so the Σ^(i) rows of the models are comparable."""
+    panels: dict[str, PriorPanel] = {}
+    for name, model in models.items():
+        panels[name] = prior_panel(model, n=n, seed=seed, pixel=pixel)
+        pixel = panels[name].pixel
+    return panels
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -284,6 +294,56 @@ def patch_completions(dist: Any, x: torch.Tensor, image_shape: Shape, top: int, 
                        uncond_mean=dist.loc.detach().reshape(-1).cpu(),
                        cond_mean=torch.where(mask, x, cond.loc.detach().reshape(-1)).cpu(),
                        samples=samples.detach().cpu())
+
+
+@torch.no_grad()
+def reconstruction(model: Any, x: torch.Tensor) -> Any:
+    """p(x | z = m(x)): the observation distribution decoded from the posterior mean of one image x [C, H, W]
+    (or [1, C, H, W]); batch shape [1]."""
+    x = x.reshape((1,) + tuple(model.image_shape)).to(_model_device(model))
+    return model.decode(model.encode(x).mean)
+
+
+@torch.no_grad()
+def prior_mode(model: Any) -> Any:
+    """p(x | z = 0): the observation distribution at the mode of the prior; batch shape [1]."""
+    return model.decode(torch.zeros(1, model.latent_dim, device=_model_device(model)))
+
+
+@torch.no_grad()
+def editor(model: Any, x: torch.Tensor, patch: int = 10, n: int = 5, seed: int = 0,
+           strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES, value: float = 0.0,
+           width: int = 1, corner: tuple[int, int] | None = None) -> tuple[EditResult, Completions]:
+    """Everything the editor figure shows for one image x [C, H, W]: strokes applied to the mean of its
+    reconstruction p(x | m(x)) (`edit_strokes`), and n completions of x given the patch×patch square at ``corner``
+    (top, left) revealed (None: its most uncertain square, `sosvae_lib.metrics.most_uncertain_patch`; patch is
+    capped at half the image side)."""
+    shape = tuple(model.image_shape)
+    dist = reconstruction(model, x)
+    size = max(1, min(patch, shape[1] // 2, shape[2] // 2))
+    if corner is None:
+        tops, lefts = most_uncertain_patch(dist.variance.reshape(1, -1), shape, size)
+        corner = (int(tops[0]), int(lefts[0]))
+    edit = edit_strokes(dist, shape, strokes, value, width)
+    comp = patch_completions(dist, x, shape, int(corner[0]), int(corner[1]), size, n, seed)
+    return edit, comp
+
+
+@torch.no_grad()
+def editors(models: dict[str, Any], x: torch.Tensor, patch: int = 10, n: int = 5, seed: int = 0,
+            strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES, value: float = 0.0,
+            width: int = 1) -> dict[str, tuple[EditResult, Completions]]:
+    """`editor` for several models on the same image, strokes and revealed square (the most uncertain square of
+    the first model), so the models can be compared panel by panel."""
+    out: dict[str, tuple[EditResult, Completions]] = {}
+    corner = None
+    for name, model in models.items():
+        out[name] = editor(model, x, patch, n, seed, strokes, value, width, corner)
+        if corner is None:
+            mask = out[name][1].mask.reshape(model.image_shape)[0]
+            rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+            corner = (int(rows[0]), int(cols[0]))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------------

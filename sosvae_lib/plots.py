@@ -163,12 +163,10 @@ def samples_figure(models: Mapping[str, Any], n: int = 10, seed: int = 0, pixel:
     maxima printed on the row labels)."""
     if not models:
         raise ValueError("models: need at least one model")
-    panels: dict[str, C.PriorPanel] = {}
-    for name, m in models.items():
-        if _is_model(m):
-            m = C.prior_panel(m, n=n, seed=seed, pixel=pixel)
-            pixel = m.pixel if pixel is None else pixel
-        panels[name] = m
+    if all(_is_model(m) for m in models.values()):
+        panels = C.prior_panels(dict(models), n=n, seed=seed, pixel=pixel)
+    else:
+        panels = {k: (C.prior_panel(m, n=n, seed=seed, pixel=pixel) if _is_model(m) else m) for k, m in models.items()}
     n = min(p.mean.shape[0] for p in panels.values())
     fig = _grid(6, n * len(panels), cell=0.8, extra_w=0.9 * len(panels), extra_h=0.5)
     subfigs = fig.subfigures(1, len(panels), wspace=0.02) if len(panels) > 1 else [fig]
@@ -235,23 +233,18 @@ def editor_figure(edits: Mapping[str, tuple[C.EditResult, C.Completions]]) -> Fi
             _show(axes[0, col + 1], a, **kw)
             _outline(axes[0, col + 1], e.masks[s], shape, color="k")
             axes[0, col + 1].set_title(f"change (±{scale:.2g})", fontsize=7)
-        _show(axes[1, 0], _image(comp.truth, shape))
         c, h, w = shape
-        rows = comp.mask.reshape(c, h, w)[0].any(1).nonzero().flatten()
-        cols_ = comp.mask.reshape(c, h, w)[0].any(0).nonzero().flatten()
-        if rows.numel():
-            for ax in (axes[1, 0],):
-                ax.add_patch(Rectangle((int(cols_[0]) - 0.5, int(rows[0]) - 0.5), len(cols_), len(rows),
-                                       fill=False, edgecolor="#ff2d2d", linewidth=1.0))
-        axes[1, 0].set_title("truth, patch", fontsize=7)
-        _show(axes[1, 1], _image(comp.uncond_mean, shape))
-        axes[1, 1].set_title("μ", fontsize=7)
-        _show(axes[1, 2], _image(comp.cond_mean, shape))
-        axes[1, 2].set_title("E[x | patch]", fontsize=7)
-        for j in range(comp.samples.shape[0]):
-            _show(axes[1, 3 + j], _image(comp.samples[j], shape))
-            _outline(axes[1, 3 + j], comp.mask, shape)
-            axes[1, 3 + j].set_title(f"completion {j + 1}", fontsize=7)
+        grid = comp.mask.reshape(c, h, w)[0]
+        rows, cols_ = grid.any(1).nonzero().flatten(), grid.any(0).nonzero().flatten()
+        panels = [(comp.truth, "truth, patch", True), (comp.uncond_mean, "μ", False),
+                  (comp.cond_mean, "E[x | patch]", True)]
+        panels += [(comp.samples[j], f"completion {j + 1}", True) for j in range(comp.samples.shape[0])]
+        for j, (img, title, boxed) in enumerate(panels):
+            _show(axes[1, j], _image(img, shape))
+            axes[1, j].set_title(title, fontsize=7)
+            if boxed and rows.numel():
+                axes[1, j].add_patch(Rectangle((int(cols_[0]) - 0.5, int(rows[0]) - 0.5), len(cols_), len(rows),
+                                               fill=False, edgecolor="#ff2d2d", linewidth=1.0))
         sub.suptitle(name, fontsize=9)
     return fig
 
@@ -408,8 +401,13 @@ def metrics_vs_rank_figure(rows: Iterable[Mapping[str, Any]]) -> Figure:
                 for ax, (key, _) in zip(axes, RANK_PANELS):
                     if _finite(r.get(key)):
                         ax.axhline(float(r[key]), color=color, ls="--", lw=1.0, label=f"{ds} diagonal")
+    ranks = sorted({int(r["rank"]) for r in rows if r["head"] != "diagonal" and _finite(r.get("rank"))
+                    and int(r["rank"]) > 0})
     for ax, (_, label) in zip(axes, RANK_PANELS):
         ax.set_xscale("log")
+        if ranks:
+            ax.set_xticks(ranks, [str(k) for k in ranks])
+            ax.minorticks_off()
         ax.set_xlabel("rank R")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -1,0 +1,129 @@
+"""The metrics table of the SOS-VAE reproduction (Langley et al., "Structured Uncertainty in the Observation
+Space of Variational Autoencoders", TMLR 2022): one row per (dataset, head, rank), gathered from the
+``eval_<split>.json`` files that `sosvae_lib.evaluate.evaluate` writes into each run directory.
+
+Each evaluated run gives its own row and, from the keys prefixed ``pca_``, a row for the global PPCA baseline of the
+same rank fitted on the same training set (head ``pca``; rows of the same dataset and rank from several runs are
+merged, the first kept). Written as CSV (every column) and Markdown (the headline columns), atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .checkpoint import atomic_write_text
+
+# The columns of metrics.csv, in order (issue 6); the extra keys below follow them.
+COLUMNS = ("dataset", "head", "rank", "latent", "epochs", "test_nll_bpd", "elbo_bpd", "kl_nats", "target_kl",
+           "residual_corr_samples", "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond",
+           "spectrum_dist_mean", "spectrum_dist_samples", "train_seconds")
+EXTRA_COLUMNS = ("inpaint_nll_bpd", "inpaint_rmse_uncond_maxvar", "inpaint_rmse_cond_maxvar", "span_angle_deg",
+                 "iwae_k", "num_images", "run")
+# The Markdown table: the numbers behind the paper's claims, lowrank against diagonal.
+MARKDOWN_COLUMNS = ("dataset", "head", "rank", "test_nll_bpd", "residual_corr_samples", "residual_corr_data",
+                    "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond", "spectrum_dist_samples",
+                    "train_seconds")
+HEAD_ORDER = {"lowrank": 0, "lowrank-diag": 1, "diagonal": 2, "pca": 3}
+
+
+def rows_from_eval(result: Mapping[str, Any], run: str = "") -> list[dict[str, Any]]:
+    """The table rows of one `evaluate` result: the model's row, then the PPCA baseline's (if scored)."""
+    model = {k: result.get(k) for k in COLUMNS + EXTRA_COLUMNS}
+    model["run"] = run
+    rows = [model]
+    if "pca_test_nll_bpd" in result:
+        pca = {k: result.get(f"pca_{k}") for k in COLUMNS + EXTRA_COLUMNS}
+        pca.update(dataset=result.get("dataset"), head="pca", rank=result.get("pca_rank"), latent=None,
+                   epochs=None, train_seconds=None, run=run)
+        rows.append(pca)
+    return rows
+
+
+def collect_rows(run_dirs: Iterable[str | os.PathLike] | str | os.PathLike, split: str = "test") -> list[dict]:
+    """Rows from the ``eval_<split>.json`` of every run directory (a folder of runs or a list of run folders; runs
+    without the file are skipped), deduplicated on (dataset, head, rank) and sorted by dataset, head
+    (lowrank, lowrank-diag, diagonal, pca) and rank."""
+    if isinstance(run_dirs, (str, os.PathLike)):
+        root = Path(run_dirs)
+        run_dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    seen: dict[tuple, dict] = {}
+    for d in run_dirs:
+        path = Path(d) / f"eval_{split}.json"
+        if not path.is_file():
+            continue
+        for row in rows_from_eval(json.loads(path.read_text()), run=Path(d).name):
+            key = (row["dataset"], row["head"], row["rank"])
+            seen.setdefault(key, row)
+    return sorted(seen.values(), key=lambda r: (str(r["dataset"]), HEAD_ORDER.get(str(r["head"]), 9),
+                                                int(r["rank"] or 0)))
+
+
+def _cell(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.{digits - 1}e}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS + EXTRA_COLUMNS) -> str:
+    """CSV text of ``rows`` with ``columns`` (full precision; empty cells for missing values)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])
+    return out.getvalue()
+
+
+def to_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = MARKDOWN_COLUMNS) -> str:
+    """A GitHub Markdown table of ``rows`` with ``columns`` (4 significant digits)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: Sequence[Mapping[str, Any]], tables_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``metrics.csv`` (every column), ``metrics.md`` (the headline columns) and ``metrics.json`` (the rows)
+    into ``tables_dir`` atomically; returns their paths."""
+    tables_dir = Path(tables_dir)
+    paths = {"csv": tables_dir / "metrics.csv", "md": tables_dir / "metrics.md", "json": tables_dir / "metrics.json"}
+    atomic_write_text(paths["csv"], to_csv(rows))
+    atomic_write_text(paths["md"], to_markdown(rows))
+    atomic_write_text(paths["json"], json.dumps(list(rows), indent=1, default=str) + "\n")
+    return paths
+
+
+def headline(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each dataset: the lowrank run of the largest rank, the diagonal run and the PPCA baseline of that rank,
+    as {dataset: {"lowrank": row, "diagonal": row, "pca": row}} (missing entries left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for ds in sorted({str(r["dataset"]) for r in rows}):
+        mine = [r for r in rows if str(r["dataset"]) == ds]
+        low = [r for r in mine if r["head"] == "lowrank"]
+        entry: dict[str, Any] = {}
+        if low:
+            entry["lowrank"] = max(low, key=lambda r: int(r["rank"]))
+            pca = [r for r in mine if r["head"] == "pca" and r["rank"] == entry["lowrank"]["rank"]]
+            if pca:
+                entry["pca"] = pca[0]
+        diag = [r for r in mine if r["head"] == "diagonal"]
+        if diag:
+            entry["diagonal"] = diag[0]
+        out[ds] = entry
+    return out
