@@ -139,11 +139,12 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, progress: bool, ctx
         state = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
         config = _check_resume_config(TrainConfig.from_dict(state["config"]), config)
 
-    _seed_everything(config.seed)
     dataset = _load_train_set(config)
     if len(dataset) == 0:
         raise ValueError(f"dataset: {config.dataset!r} has no training images")
-    image_shape = tuple(int(s) for s in _first(dataset[0]).shape)
+    image_shape = tuple(int(s) for s in dataset.images.shape[1:]) if hasattr(dataset, "images") \
+        else tuple(int(s) for s in _first(dataset[0]).shape)
+    _seed_everything(config.seed)  # the initial weights depend on the seed only
     device = ctx.device
     model = build_model(config, image_shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
