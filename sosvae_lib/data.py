@@ -51,8 +51,9 @@ _COMMON_OPTIONS = {"max_items": None, "return_labels": False, "subset_seed": 0}
 _DATASET_OPTIONS: dict[str, dict[str, Any]] = {
     "orl": {"split_sizes": (32, 4, 4), "split_seed": 0},
     "fashion-mnist": {"val_size": 5000, "split_seed": 0},
-    "celeba": {"crop": "auto", "split_fractions": (0.7, 0.2, 0.1), "split_seed": 0, "num_threads": None},
-    "folder": {"mode": "L", "crop": True, "split_fractions": (0.8, 0.1, 0.1), "num_threads": None},
+    "celeba": {"crop": "auto", "split_fractions": (0.7, 0.2, 0.1), "split_seed": 0, "num_threads": None,
+               "preload": None},
+    "folder": {"mode": "L", "crop": True, "split_fractions": (0.8, 0.1, 0.1), "num_threads": None, "preload": None},
     "synthetic": {"channels": 1, "rank": 4, "size": None, "seed": 0, "factor_std": 0.06, "noise_std": 0.02},
 }
 _DEFAULT_SIZE = {"orl": (64, 64), "fashion-mnist": (32, 32), "celeba": (64, 64), "folder": (64, 64),
@@ -64,10 +65,42 @@ _SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 500}
 _CACHE: dict[tuple, torch.Tensor] = {}
 _CACHE_LIMIT_BYTES = 4 * 2**30
 _DISK_CACHE_MIN_FILES = 256
+_DECODE_VERSION = 1  # part of the disk cache's key: bump it when decoding changes
+PRELOAD_LIMIT_BYTES = 3 * 2**30  # larger image sets (full CelebA at 218×178) are decoded on demand
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The dataset object
+
+
+class LazyImages:
+    """Stands in for a uint8 tensor ``[N, C, H, W]`` of images too many to hold in memory (e.g. the full CelebA at
+    218×178): indexing with an int (``[C, H, W]``) or a sequence / tensor of ints (``[B, C, H, W]``) decodes those
+    files on demand. Every file's header was read when the set was built, so missing or non-image files fail
+    then, before training; a file whose body is damaged fails when it is first read."""
+
+    dtype = torch.uint8
+
+    def __init__(self, files: Sequence[str], shape: tuple[int, int, int], mode: str, hw: tuple[int, int] | None,
+                 crop: float | str | None, what: str):
+        self.files, self.mode, self.hw, self.crop, self.what = list(files), mode, hw, crop, what
+        self.shape = torch.Size((len(self.files), *shape))
+
+    def _one(self, i: int) -> torch.Tensor:
+        try:
+            arr = _decode_one(self.files[i], self.mode, self.hw, self.crop)
+        except Exception as err:  # noqa: BLE001 — one message naming the file
+            raise ValueError(f"{self.what}: cannot read image file {self.files[i]}, unreadable or corrupt "
+                             f"({type(err).__name__}: {err})") from None
+        return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+            return self._one(int(index))
+        return torch.stack([self._one(int(i)) for i in index])
 
 
 class ImageDataset(Dataset):
@@ -78,7 +111,8 @@ class ImageDataset(Dataset):
     ``files`` (source of each item or None), ``groups`` (person / identity per item, long ``[N]``, or None),
     ``labels`` (class per item, long ``[N]``, or None), ``root`` (folder read, or None), ``flip``. Fashion-MNIST
     sets add ``source_index`` (position in the official file); synthetic sets add ``ground_truth`` and
-    ``clamped_fraction``. ``images`` is shared with the per-process cache: treat it as read-only.
+    ``clamped_fraction``. ``images`` is shared with the per-process cache: treat it as read-only; for image sets
+    too large to preload it is a `LazyImages` that decodes on demand.
     """
 
     def __init__(self, name: str, split: str, images: torch.Tensor, *, flip: bool = False,
@@ -146,7 +180,9 @@ def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None
     crop unless ``image_size`` is a non-square (H, W) such as the paper's (218, 178)), ``split_fractions``
     ((0.7, 0.2, 0.1), used only when the images present lack official val / test parts), ``split_seed``,
     ``num_threads``; folder ``mode`` ("L" grayscale | "RGB"), ``crop`` (centre square crop before resizing),
-    ``split_fractions`` ((0.8, 0.1, 0.1)), ``num_threads``; synthetic ``channels`` (1), ``rank`` (4), ``size``
+    ``split_fractions`` ((0.8, 0.1, 0.1)), ``num_threads``; celeba and folder ``preload`` (None: decode every
+    image up front when they take at most `PRELOAD_LIMIT_BYTES` (3 GiB) as uint8, otherwise decode on demand;
+    True / False force it); synthetic ``channels`` (1), ``rank`` (4), ``size``
     (items in the split; default 2000 / 500 / 500), ``seed`` (of the ground truth, 0), ``factor_std`` (0.06),
     ``noise_std`` (0.02).
 
@@ -173,6 +209,9 @@ def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None
         raise ValueError(f"return_labels: must be True or False, got {opts['return_labels']!r}")
     if opts["return_labels"] and name != "fashion-mnist":
         raise ValueError(f"return_labels: only fashion-mnist has labels, not {name!r}")
+    if opts.get("preload") not in (None, True, False):
+        raise ValueError(f"preload: must be True, False or None (preload when under "
+                         f"{PRELOAD_LIMIT_BYTES // 2**30} GiB), got {opts['preload']!r}")
     threads = opts.get("num_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"num_threads: must be an integer >= 1 or None, got {threads!r}")
@@ -283,7 +322,7 @@ def _disk_cached(key: tuple, files: Sequence[str], build: Callable[[], torch.Ten
         return build
 
     def cached() -> torch.Tensor:
-        h = hashlib.sha1(repr(key[:-1]).encode())
+        h = hashlib.sha1(repr((_DECODE_VERSION, key[:-1])).encode())
         for f in files:
             st = os.stat(f)
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -388,6 +427,52 @@ def _decode_all(paths: Sequence[str], mode: str, hw: tuple[int, int] | None, cro
         raise ValueError(f"image_size: {what} images differ in size ({paths[0]} is {first[1]}x{first[0]}, {odd} is "
                          f"not); give image_size to resize them all")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _check_headers(paths: Sequence[str], mode: str, what: str) -> tuple[tuple[int, int, int], int]:
+    """Read every file's header (not its pixels): the first image's (C, H, W) at its own size and the number of
+    distinct sizes; one ValueError naming the files that are not images."""
+    from PIL import Image
+
+    bad, sizes = [], set()
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                sizes.add(im.size)
+        except Exception as err:  # noqa: BLE001
+            bad.append(f"{p} ({type(err).__name__}: {err})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{what}: cannot read {len(bad)} image file(s), unreadable or corrupt: "
+                         f"{'; '.join(bad[:3])}{more}")
+    w, h = next(iter(sizes))
+    return (1 if mode == "L" else 3, h, w), len(sizes)
+
+
+def _image_set(key: tuple, files: Sequence[str], mode: str, hw: tuple[int, int] | None,
+               crop: float | str | None, what: str, preload: bool | None, num_threads: int | None):
+    """The decoded images of ``files``: a uint8 tensor ``[N, C, H, W]`` (cached in memory and on disk), or, when
+    ``preload`` is False or (None and) they would take more than `PRELOAD_LIMIT_BYTES`, a `LazyImages`."""
+    channels = 1 if mode == "L" else 3
+    if hw is not None:
+        estimate = len(files) * channels * hw[0] * hw[1]
+    else:
+        estimate = None
+    if preload is None and estimate is None and files:
+        (c, h, w), _ = _check_headers(files[:1], mode, what)
+        estimate = len(files) * c * h * w
+    if preload is True or (preload is None and (estimate or 0) <= PRELOAD_LIMIT_BYTES):
+        return _cache_get(key, _disk_cached(key, files, lambda: _decode_all(files, mode, hw, crop, what,
+                                                                            num_threads)))
+    shape, count = _check_headers(files, mode, what)
+    if hw is None and count > 1:
+        raise ValueError(f"image_size: {what} images differ in size; give image_size to resize them all")
+    if hw is not None:
+        shape = (channels, *hw)
+    elif crop is not None:
+        side = _crop_box(shape[1], shape[2], crop)
+        shape = (channels, *side)
+    return LazyImages(files, shape, mode, hw, crop, what)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -632,8 +717,7 @@ def _load_celeba(split: str, hw: tuple[int, int] | None, root: Path | None, flip
     if hw is None and crop_opt:
         hw = _DEFAULT_SIZE["celeba"]
     key = ("celeba", str(image_dir.resolve()), hw, crop, tuple(files))
-    images = _cache_get(key, _disk_cached(key, files, lambda: _decode_all(files, "RGB", hw, crop, "celeba",
-                                                                         opts["num_threads"])))
+    images = _image_set(key, files, "RGB", hw, crop, "celeba", opts["preload"], opts["num_threads"])
     groups = torch.tensor([identity.get(present[i], -1) for i in index], dtype=torch.long) if identity else None
     return ImageDataset("celeba", split, images, flip=flip, files=files, groups=groups, root=str(folder))
 
@@ -670,8 +754,7 @@ def _load_folder(split: str, hw: tuple[int, int] | None, root: Path | None, flip
     files = [str(root / r) for r in chosen]
     crop = "square" if opts["crop"] else None
     key = ("folder", str(root.resolve()), hw, crop, mode, tuple(files))
-    images = _cache_get(key, _disk_cached(key, files, lambda: _decode_all(files, mode, hw, crop, "folder",
-                                                                         opts["num_threads"])))
+    images = _image_set(key, files, mode, hw, crop, "folder", opts["preload"], opts["num_threads"])
     return ImageDataset("folder", split, images, flip=flip, files=files, root=str(root))
 
 

@@ -281,6 +281,23 @@ def test_celeba_subset_split_by_identity_on_fake_layout(tmp_path):
         load_dataset("celeba", "train", root=root)
 
 
+def test_celeba_decoded_on_demand_matches_preloaded(tmp_path):
+    root = _fake_celeba(tmp_path / "c", [0] * 6 + [1, 2], identities=None, size=(109, 89))
+    eager = load_dataset("celeba", "train", root=root, image_size=32, preload=True, augment=False)
+    lazy = load_dataset("celeba", "train", root=root, image_size=32, preload=False, augment=False)
+    assert isinstance(lazy.images, data.LazyImages) and lazy.images.dtype == torch.uint8
+    assert lazy.image_shape == eager.image_shape == (3, 32, 32) and len(lazy) == 6
+    assert torch.equal(_stack(lazy), _stack(eager))
+    assert torch.equal(torch.cat(list(make_loader(lazy, 4, shuffle=False, seed=0))), _stack(eager))
+    full = load_dataset("celeba", "val", root=root, crop=False, preload=False)
+    assert full.image_shape == (3, 109, 89) and full[0].shape == (3, 109, 89)
+    with pytest.raises(ValueError, match=r"^preload: must be True, False or None"):
+        load_dataset("celeba", "train", root=root, preload="yes")
+    (root / "img_align_celeba" / "000003.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"^celeba: cannot read 1 image file\(s\), unreadable or corrupt: .*000003"):
+        load_dataset("celeba", "train", root=root, preload=False)
+
+
 def test_celeba_corrupt_image_is_named(tmp_path):
     root = _fake_celeba(tmp_path / "c", [0, 0, 0, 1, 2], identities=None, size=(60, 50))
     bad = root / "img_align_celeba" / "000002.jpg"
