@@ -6,8 +6,9 @@ covariance.
 One entry point, `load_dataset(name, split, ...)`, returns a `torch.utils.data.Dataset` whose items are float
 tensors ``[C, H, W]`` with values in [0, 1]. Real images are decoded once, kept in memory as ``uint8`` (so every
 value is exactly k/255, the convention `metrics` relies on for bits per dimension) and cached per process, keyed
-by (dataset, folder, size, crop, colour mode, file list): the train, val and test splits of one folder, or two
-loaders built on the same data, decode each file once.
+by (dataset, folder, size, crop, colour mode, file list), so two loaders on the same data decode each file once.
+Large decoded sets (CelebA, image folders) are also cached on disk (`cache_dir`), so a new process reads the
+10,000-image CelebA subset in well under a second; sets over `PRELOAD_LIMIT_BYTES` are decoded on demand.
 
 Labels: items are images only. Where a dataset has labels they are the attribute ``dataset.labels`` (a long
 tensor ``[N]``: Fashion-MNIST classes), and ``return_labels=True`` makes items ``(image, label)`` pairs. The
@@ -22,8 +23,9 @@ Splits are deterministic and never depend on the process or on the global random
 - ``folder``: by a SHA-1 hash of each file's relative path (80 / 10 / 10 %), stable when files are added;
 - ``synthetic``: independent draws per split from one fixed ground-truth distribution.
 
-Errors are raised before any decoding, as one line that names the parameter and the allowed values
-(`ValueError`) or where files were looked for and how to obtain them (`FileNotFoundError`).
+Errors are one line, raised when the dataset is built (before any training): a bad name, split, size or option
+(`ValueError` naming the parameter and the allowed values), missing files (`FileNotFoundError` saying where it
+looked and how to obtain them), unreadable or corrupt files (`ValueError` naming them).
 """
 
 from __future__ import annotations
