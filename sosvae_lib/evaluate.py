@@ -130,6 +130,12 @@ class _Scores:
         return out
 
 
+def _check_patch(patch: int, image_shape: tuple[int, ...]) -> None:
+    if patch > min(image_shape[1:]):
+        raise ValueError(f"patch: must be at most the image side {min(image_shape[1:])} "
+                         f"(images {image_shape[1]}×{image_shape[2]}), got {patch}")
+
+
 def _generation_metrics(means: torch.Tensor, samples: torch.Tensor, test: torch.Tensor,
                         image_shape: tuple[int, int, int]) -> dict[str, float]:
     """Metrics of generated images: means [N, D] and samples [N, D] against test images [M, D]."""
@@ -156,6 +162,7 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     n = images.shape[0]
     image_shape = tuple(images.shape[1:])
     d = math.prod(image_shape)
+    _check_patch(patch, image_shape)
     gen = torch.Generator().manual_seed(seed)
     corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
     scores = _Scores()
@@ -215,6 +222,7 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
     n = images.shape[0]
     image_shape = tuple(images.shape[1:])
     d = math.prod(image_shape)
+    _check_patch(patch, image_shape)
     gen = torch.Generator().manual_seed(seed)
     corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
     scores = _Scores()

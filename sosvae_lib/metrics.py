@@ -240,6 +240,8 @@ def random_patch_corners(n: int, image_shape: tuple[int, int, int], size: int = 
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """n uniformly random top-left corners (tops [n], lefts [n]) of size×size patches inside the image."""
     _, h, w = image_shape
+    if not 1 <= size <= min(h, w):
+        raise ValueError(f"size: patch of {size}×{size} does not fit images of {h}×{w}")
     tops = torch.randint(0, h - size + 1, (n,), generator=generator)
     lefts = torch.randint(0, w - size + 1, (n,), generator=generator)
     return tops, lefts
