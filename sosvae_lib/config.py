@@ -101,7 +101,7 @@ class TrainConfig:
     eps: float = 1e-5
     init_var: float = 0.01
 
-    epochs: int = 60
+    epochs: int = 40
     batch_size: int = 25
     lr: float = 1e-3
     target_kl: float = 30.0
@@ -215,7 +215,7 @@ def check_rank(rank: int, dim: int) -> None:
 _PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(image_size=16, max_items=32, width=4, levels=2, latent=4, rank=2, epochs=1, batch_size=8,
                   lr=1e-3, target_kl=5.0),
-    "cpu": dict(width=16, levels=3, latent=32, rank=25, epochs=60, batch_size=25, lr=1e-3, target_kl=30.0),
+    "cpu": dict(width=16, levels=3, latent=32, rank=25, epochs=40, batch_size=25, lr=1e-3, target_kl=30.0),
     "paper": dict(dataset="celeba", image_size=(218, 178), augment=True, width=64, levels=4, latent=128, rank=25,
                   epochs=100, batch_size=25, lr=1e-4, target_kl=45.0),
 }
