@@ -100,7 +100,7 @@ class _Scores:
     def __init__(self) -> None:
         self.captured = 0.0
         self.energy = 0.0
-        self.inpaint = {tag: dict(sq_uncond=0.0, sq_cond=0.0, nll=0.0, hidden=0) for tag in ("", "_maxvar")}
+        self.inpaint = {tag: dict(sq_uncond=0.0, sq_cond=0.0, nll=0.0, nll_uncond=0.0, hidden=0) for tag in ("", "_maxvar")}
         self.residuals: list[torch.Tensor] = []
 
     def add(self, obs: Any, x: torch.Tensor, x_score: torch.Tensor, corners: tuple[torch.Tensor, torch.Tensor],
@@ -118,6 +118,7 @@ class _Scores:
             acc["sq_uncond"] += float(out.sq_err_uncond.sum())
             acc["sq_cond"] += float(out.sq_err_cond.sum())
             acc["nll"] += float(out.hidden_nll.sum())
+            acc["nll_uncond"] += float(out.hidden_nll_uncond.sum())
             acc["hidden"] += int(out.num_hidden.sum())
 
     def result(self, image_shape: tuple[int, int, int]) -> dict[str, float]:
@@ -127,6 +128,7 @@ class _Scores:
             out[f"inpaint_rmse_uncond{tag}"] = math.sqrt(acc["sq_uncond"] / acc["hidden"])
             out[f"inpaint_rmse_cond{tag}"] = math.sqrt(acc["sq_cond"] / acc["hidden"])
             out[f"inpaint_nll_bpd{tag}"] = float(M.bits_per_dim(acc["nll"], acc["hidden"]))
+            out[f"inpaint_nll_bpd_uncond{tag}"] = float(M.bits_per_dim(acc["nll_uncond"], acc["hidden"]))
         return out
 
 
@@ -259,8 +261,9 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     ``progress`` (tqdm), ``write`` (True).
 
     Keys: test_nll_bpd (IWAE, k samples), elbo_bpd, iwae_k, kl_nats, target_kl, residual_corr_samples,
-    residual_corr_data, span_capture, inpaint_rmse_uncond, inpaint_rmse_cond, inpaint_nll_bpd (random patches),
-    the same three with suffix ``_maxvar`` (the patch of largest marginal variance), spectrum_dist_mean,
+    residual_corr_data, span_capture, inpaint_rmse_uncond, inpaint_rmse_cond, inpaint_nll_bpd (random patches;
+    conditional NLL of the hidden pixels), inpaint_nll_bpd_uncond (their marginal NLL), the same four with suffix
+    ``_maxvar`` (the patch of largest marginal variance), spectrum_dist_mean,
     spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's keys prefixed
     ``pca_``, and dataset, head, rank, latent, epochs, complete (summary.json says the run finished),
     train_seconds, split, num_images, dequantized, seed, eval_seconds.

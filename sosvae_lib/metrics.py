@@ -267,6 +267,7 @@ class Inpainting:
     sq_err_uncond: torch.Tensor
     sq_err_cond: torch.Tensor
     hidden_nll: torch.Tensor
+    hidden_nll_uncond: torch.Tensor
     num_hidden: torch.Tensor
 
 
@@ -275,8 +276,9 @@ def inpaint(dist: Any, x: torch.Tensor, observed: torch.Tensor) -> Inpainting:
     condition the observation distribution ``dist`` (batch [B]) on them, and score the hidden pixels H.
 
     uncond_mean = μ; cond_mean = μ_H + Σ_HO Σ_OO⁻¹ (x_O − μ_O) on H (via ``dist.condition``), x on O.
-    hidden_nll = −log p(x_H | x_O) in nats (the conditional's ``log_prob`` scores only unobserved pixels).
-    For a pixel-wise independent model cond_mean = uncond_mean on H.
+    hidden_nll = −log p(x_H | x_O) in nats (the conditional's ``log_prob`` scores only unobserved pixels);
+    hidden_nll_uncond = −log p(x_H) = −log p(x) + log p(x_O | x_H), the chain rule, for comparison.
+    For a pixel-wise independent model cond_mean = uncond_mean on H and the two NLLs agree.
     """
     observed = observed.to(torch.bool).expand_as(x)
     hidden = ~observed
@@ -284,11 +286,12 @@ def inpaint(dist: Any, x: torch.Tensor, observed: torch.Tensor) -> Inpainting:
     mu = dist.loc.detach()
     cmean = torch.where(observed, x, cond.loc.detach())
     nll = -cond.log_prob(x).double()
+    nll_uncond = -(dist.log_prob(x).double() - dist.condition(hidden, x).log_prob(x).double())
     hf = hidden.double()
     return Inpainting(uncond_mean=mu, cond_mean=cmean,
                       sq_err_uncond=(((x - mu).double() ** 2) * hf).sum(-1),
                       sq_err_cond=(((x - cmean).double() ** 2) * hf).sum(-1),
-                      hidden_nll=nll, num_hidden=hidden.sum(-1))
+                      hidden_nll=nll, hidden_nll_uncond=nll_uncond, num_hidden=hidden.sum(-1))
 
 
 # ----------------------------------------------------------------------------------------------------------

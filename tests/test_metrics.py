@@ -208,6 +208,8 @@ def test_inpaint_lowrank_equals_closed_form():
         h, mean_h, logp = _dense_conditional(loc[i], cov, mask[i], x[i])
         assert torch.allclose(out.cond_mean[i, h], mean_h, atol=1e-8)
         assert float(out.hidden_nll[i]) == pytest.approx(float(-logp), abs=1e-6)
+        marginal = torch.distributions.MultivariateNormal(loc[i, h], cov[h][:, h]).log_prob(x[i, h])
+        assert float(out.hidden_nll_uncond[i]) == pytest.approx(float(-marginal), abs=1e-6)
         assert float(out.sq_err_cond[i]) == pytest.approx(float(((x[i, h] - mean_h) ** 2).sum()), abs=1e-8)
         assert float(out.sq_err_uncond[i]) == pytest.approx(float(((x[i, h] - loc[i, h]) ** 2).sum()), abs=1e-10)
     assert out.num_hidden.tolist() == [27, 27, 27]
@@ -226,6 +228,7 @@ def test_inpaint_diagonal_leaves_hidden_mean():
     per_pixel = -torch.distributions.Normal(loc, var.sqrt()).log_prob(x)
     assert out.hidden_nll.tolist() == pytest.approx((per_pixel * hidden).sum(-1).tolist(), abs=1e-5)
     assert torch.equal(out.sq_err_cond, out.sq_err_uncond)
+    assert out.hidden_nll_uncond.tolist() == pytest.approx(out.hidden_nll.tolist(), abs=1e-5)
 
 
 def test_most_uncertain_patch_and_random_corners():
@@ -299,6 +302,7 @@ def test_pca_randomised_matches_exact(monkeypatch):
 EVAL_KEYS = ("test_nll_bpd", "elbo_bpd", "iwae_k", "kl_nats", "target_kl", "residual_corr_samples",
              "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond", "inpaint_nll_bpd",
              "inpaint_rmse_uncond_maxvar", "inpaint_rmse_cond_maxvar", "inpaint_nll_bpd_maxvar",
+             "inpaint_nll_bpd_uncond", "inpaint_nll_bpd_uncond_maxvar",
              "spectrum_dist_mean", "spectrum_dist_samples", "dataset", "head", "rank", "latent", "epochs",
              "train_seconds")
 
@@ -352,6 +356,7 @@ def test_evaluate_diagonal_run(smoke_runs):
     # Pixel-wise independence: conditioning leaves hidden pixels alone and samples carry white noise.
     assert out["inpaint_rmse_cond"] == out["inpaint_rmse_uncond"]
     assert out["inpaint_rmse_cond_maxvar"] == out["inpaint_rmse_uncond_maxvar"]
+    assert out["inpaint_nll_bpd"] == pytest.approx(out["inpaint_nll_bpd_uncond"], abs=1e-6)
     assert abs(out["residual_corr_samples"]) < 0.05
     assert not any(key.startswith("pca_") for key in out)
 
@@ -409,4 +414,5 @@ def test_evaluate_pca_on_planted_model():
     assert out["span_capture"] > 0.95  # the residual x − m is almost all in the planted span
     # Conditioning on a 4×4 patch pins the 3 factor coefficients: hidden RMSE drops to about the noise level.
     assert out["inpaint_rmse_cond"] < 0.02 < 0.5 * out["inpaint_rmse_uncond"]
+    assert out["inpaint_nll_bpd"] < out["inpaint_nll_bpd_uncond"] - 0.1  # revealed pixels inform the rest
     assert out["residual_corr_samples"] == pytest.approx(out["residual_corr_data"], abs=0.05)
