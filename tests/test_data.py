@@ -139,6 +139,14 @@ def test_error_messages(tmp_path):
         load_dataset("celeba", "train", crop="centre")
     with pytest.raises(ValueError, match=r"^num_threads: must be an integer >= 1 or None, got 0$"):
         load_dataset("folder", "train", root=tmp_path, num_threads=0)
+    with pytest.raises(ValueError, match=r"^val_size: must be an integer in \[0, 60000\), got 60000$"):
+        load_dataset("fashion-mnist", "val", val_size=60000)
+    with pytest.raises(ValueError, match=r"^size: must be an integer >= 1 or None, got 0$"):
+        load_dataset("synthetic", "val", size=0)
+    with pytest.raises(ValueError, match=r"^channels: must be an integer >= 1, got 0$"):
+        load_dataset("synthetic", "val", channels=0)
+    with pytest.raises(ValueError, match=r"^seed: must be an integer, got 1.5$"):
+        make_loader(load_dataset("synthetic", "val", size=2), 1, shuffle=True, seed=1.5)
     with pytest.raises(ValueError, match=r"^noise_std: must be a number in \(0, 0.2\)"):
         load_dataset("synthetic", "train", noise_std=0.0)
 
@@ -296,6 +304,23 @@ def test_celeba_decoded_on_demand_matches_preloaded(tmp_path):
     (root / "img_align_celeba" / "000003.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"^celeba: cannot read 1 image file\(s\), unreadable or corrupt: .*000003"):
         load_dataset("celeba", "train", root=root, preload=False)
+
+
+def test_celeba_annotation_problems(tmp_path):
+    root = _fake_celeba(tmp_path / "c", [0] * 6, identities=[1, 1, 2, 2, 3, 3], size=(60, 50))
+    (root / "identity_CelebA.txt").write_text("000001.jpg 1\n000002.jpg 1\n")
+    with pytest.raises(ValueError, match=r"^celeba: .*identity_CelebA.txt has no identity for 4 image\(s\), "
+                                         r"e.g. 000003.jpg$"):
+        load_dataset("celeba", "train", root=root)
+    (root / "identity_CelebA.txt").write_text("000001.jpg one\n")
+    with pytest.raises(ValueError, match=r"^celeba: cannot read .*identity_CelebA.txt \(.*\); it must hold rows"):
+        load_dataset("celeba", "train", root=root)
+    parts = [0, 0, 1, 2]
+    mixed = _fake_celeba(tmp_path / "m", parts, identities=None, size=(60, 50))
+    Image.fromarray(np.zeros((70, 50, 3), np.uint8)).save(mixed / "img_align_celeba" / "000002.jpg")
+    with pytest.raises(ValueError, match=r"^image_size: celeba images differ in size"):
+        load_dataset("celeba", "train", root=mixed, crop=False)
+    assert load_dataset("celeba", "train", root=mixed)[1].shape == (3, 64, 64)  # resized: fine
 
 
 def test_celeba_corrupt_image_is_named(tmp_path):
