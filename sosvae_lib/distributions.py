@@ -98,9 +98,9 @@ def _flat_batch(t: torch.Tensor, batch_shape: torch.Size, event: Sequence[int]) 
 
 
 def _value_columns(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str):
-    """Arrange a value [*sample, *batch, D] as columns [N, D, S] (N = prod(batch), S = prod(sample)).
+    """Arrange a value [*sample, *batch, D] as rows [N, S, D] (N = prod(batch), S = prod(sample)).
 
-    Extra leading dims become columns of one matrix so that many values under one distribution share one
+    Extra leading dims become rows of one matrix so that many values under one distribution share one
     pass over the factor (e.g. a single PCA distribution scoring a whole data batch).
     Returns (columns, full_shape) where full_shape = sample + batch.
     """
@@ -116,7 +116,7 @@ def _value_columns(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: 
         raise ValueError(f"{owner}: value shape {tuple(value.shape)} would enlarge batch_shape "
                          f"{tuple(batch_shape)}; expand the distribution first")
     v = value.expand(*full, D).reshape(-1, max(1, math.prod(batch_shape)), D)  # [S, N, D]
-    return v.permute(1, 2, 0), full
+    return v.transpose(0, 1), full
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,116 +169,111 @@ class _LowRankTerms(torch.autograd.Function):
 
     Gradients (w = Σ⁻¹(x − loc) = d^{-1/2} ⊙ (y − A z), and Pᵀw = z):
         ∂maha/∂x = 2w,  ∂maha/∂P = −2 w zᵀ,  ∂maha/∂d_i = −w_i²,
-        ∂logdet/∂P = 2 Σ⁻¹P = 2 d^{-1/2} ⊙ (A K⁻¹),  ∂logdet/∂d_i = (1 − a_iᵀK⁻¹a_i)/d_i,
-        and for a scalar d: Σ_i (1 − a_iᵀK⁻¹a_i) = D − R + tr K⁻¹.
+        ∂logdet/∂P = 2 Σ⁻¹P = 2 (P/d) K⁻¹,  ∂logdet/∂d_i = (Σ⁻¹)_ii = (1 − a_iᵀK⁻¹a_i)/d_i,
+        and for a scalar d: Σ_i (1 − a_iᵀK⁻¹a_i) = D − R + tr K⁻¹ (no pass over the factor).
 
-    Inputs: loc [N, D], factor [N, D, R], diag [] (scalar) or [N, D], value [N, D, S] or None (S = 0).
+    Inputs: loc [N, D], factor [N, D, R], diag [] (scalar) or [N, D], value [N, S, D] or None (S = 0).
     Outputs: maha [N, S], logdet [N] (float64, so that their sum keeps float32 inputs accurate),
     L [N, R, R] float64 (not differentiable). batch_shape only names batch items in error messages.
-    The factor is read once for the Gram matrix of [A | Y] (which gives K and AᵀY together), once for the
-    residual Y − A Z, and once in the backward.
+
+    Cost: the forward reads the factor once for the Gram matrix AᵀA (plus one pass writing A = d^{-1/2} P
+    when d is per-pixel; a scalar d is applied in the R×R domain) and twice more as matrix-vector products
+    (Aᵀy and the residual y − A z); the backward reads it once for A K⁻¹ (its only O(D·R²) step) and
+    adds a rank-S term.
+    The value is laid out as rows [N, S, D] so both matrix-vector products stream the factor contiguously.
     """
 
     @staticmethod
     def forward(ctx, loc, factor, diag, value, batch_shape):
         N, D, R = factor.shape
-        S = 0 if value is None else value.shape[-1]
+        S = 0 if value is None else value.shape[1]
         scalar = diag.dim() == 0
         dtype = factor.dtype
-        rs = diag.rsqrt()
-        # M = [A | Y] for a per-pixel diagonal, [P | x − loc] (scaled in the R×R domain) for a scalar one.
-        M = factor.new_empty(N, D, R + S)
         if scalar:
-            M[..., :R].copy_(factor)
-            if S:
-                torch.sub(value, loc.unsqueeze(-1), out=M[..., R:])
+            inv_d64 = 1.0 / diag.to(torch.float64)
+            A = factor  # A = P d^{-1/2}: the scale is applied in the R×R domain instead
+            gram = torch.bmm(A.mT, A)  # PᵀP
+            gAA = gram.to(torch.float64) * inv_d64
         else:
-            torch.mul(factor, rs.unsqueeze(-1), out=M[..., :R])
-            if S:
-                torch.mul(value - loc.unsqueeze(-1), rs.unsqueeze(-1), out=M[..., R:])
-        gram = torch.bmm(M.mT, M)  # [N, R+S, R+S]
+            rs = diag.rsqrt()  # [N, D]
+            A = factor * rs.unsqueeze(-1)  # one Gram of a single operand is faster than PᵀD⁻¹P
+            gram = torch.bmm(A.mT, A)
+            gAA = gram.to(torch.float64)
         if not bool(torch.isfinite(gram).all()):
             raise _NonFinite()
-        g64 = gram.to(torch.float64)
-        if scalar:
-            inv_d = 1.0 / diag.detach().to(torch.float64)
-            gAA = g64[:, :R, :R] * inv_d
-            AtY = g64[:, :R, R:] * inv_d
-        else:
-            gAA = g64[:, :R, :R]
-            AtY = g64[:, :R, R:]
         L = _capacitance_cholesky(gAA, "LowRankNormal", batch_shape)
         logdet = _logdet_from_cholesky(L, _log_diag_sum(diag, N, D))
         if S:
-            Z = torch.cholesky_solve(AtY, L)  # [N, R, S] float64
-            Zc = Z.to(dtype)
-            # residual in whitened units: Y − A Z
+            X = value - loc.unsqueeze(1)  # [N, S, D]
             if scalar:
-                res = torch.baddbmm(M[..., R:], M[..., :R], Zc, alpha=-1.0) * rs
+                AtY = torch.bmm(X, A).to(torch.float64) * inv_d64  # (Aᵀy)ᵀ = (x − loc)ᵀ P / d, [N, S, R]
             else:
-                res = torch.baddbmm(M[..., R:], M[..., :R], Zc, alpha=-1.0)
-            maha = res.square().sum(1, dtype=torch.float64) + Z.square().sum(1)
+                X = X * rs.unsqueeze(1)  # y
+                AtY = torch.bmm(X, A).to(torch.float64)
+            if not bool(torch.isfinite(AtY).all()):
+                raise _NonFinite()
+            Z = torch.cholesky_solve(AtY.mT, L)  # [N, R, S] float64
+            if scalar:
+                r = torch.baddbmm(X, Z.mT.to(dtype), A.mT, alpha=-1.0)  # x − loc − P z, [N, S, D]
+                w = r / diag  # Σ⁻¹(x − loc) = d^{-1/2}(y − A z)
+                maha = (r * w).sum(-1, dtype=torch.float64)
+            else:
+                r = torch.baddbmm(X, Z.mT.to(dtype), A.mT, alpha=-1.0)  # y − A z
+                w = r * rs.unsqueeze(1)
+                maha = r.square().sum(-1, dtype=torch.float64)
+            maha = maha + Z.square().sum(-2)  # ‖y − Az‖² + ‖z‖²
         else:
-            Z = res = None
+            Z = w = None
             maha = logdet.new_zeros(N, 0)
-        ctx.save_for_backward(M, diag, L, Z, res)
-        ctx.scalar, ctx.S, ctx.R = scalar, S, R
+        ctx.save_for_backward(A, diag, L, Z, w)
         ctx.mark_non_differentiable(L)
         return maha, logdet, L
 
     @staticmethod
     def backward(ctx, g_maha, g_logdet, _g_L):
-        M, diag, L, Z, res = ctx.saved_tensors
-        scalar, S, R = ctx.scalar, ctx.S, ctx.R
-        N, D, _ = M.shape
-        dtype = M.dtype
+        A, diag, L, Z, w = ctx.saved_tensors  # A = P for a scalar d, P d^{-1/2} otherwise
         need_loc, need_P, need_d, need_x, _ = ctx.needs_input_grad
-        rs = diag.rsqrt()
-        g_l = torch.zeros(N, dtype=torch.float64, device=M.device) if g_logdet is None else g_logdet.to(torch.float64)
+        N, D, R = A.shape
+        S = 0 if w is None else w.shape[1]
+        scalar = diag.dim() == 0
+        dtype = A.dtype
+        f64 = dict(dtype=torch.float64, device=A.device)
+        g_l = torch.zeros(N, **f64) if g_logdet is None else g_logdet.to(torch.float64)
         g_m = None
         if S:
-            g_m = torch.zeros(N, S, dtype=torch.float64, device=M.device) if g_maha is None else g_maha.to(torch.float64)
+            g_m = torch.zeros(N, S, **f64) if g_maha is None else g_maha.to(torch.float64)
         grad_loc = grad_P = grad_d = grad_x = None
 
-        if S and (need_loc or need_x or (need_d and not scalar)):
-            w = res * rs.unsqueeze(-1) if not scalar else res * rs  # Σ⁻¹(x − loc), [N, D, S]
         if S and (need_loc or need_x):
-            gx = w * (2.0 * g_m).to(dtype).unsqueeze(1)
+            gx = w * (2.0 * g_m).to(dtype).unsqueeze(-1)  # 2 g_m w, [N, S, D]
             grad_x = gx if need_x else None
-            grad_loc = -gx.sum(-1) if need_loc else None
+            grad_loc = -gx.sum(1) if need_loc else None
 
         Kinv = torch.cholesky_inverse(L)  # [N, R, R] float64, R×R only
-        if need_P:
-            # ∂/∂P = 2 d^{-1/2} ⊙ (A C1 + Y C2), C1 = g_l K⁻¹ + Z diag(g_m) Zᵀ, C2 = −diag(g_m) Zᵀ
-            C1 = g_l[:, None, None] * Kinv
-            if S:
-                C1 = C1 + (Z * g_m[:, None, :]) @ Z.mT
-                C2 = -(g_m.unsqueeze(-1) * Z.mT)  # [N, S, R]
-                C = torch.cat([C1, C2], dim=1)
-            else:
-                C = C1
-            if scalar:
-                # M = [P | x − loc]: A = P d^{-1/2}, Y = (x − loc) d^{-1/2}
-                # M = [P | x − loc]: A = P d^{-1/2}, Y = (x − loc) d^{-1/2}, so both blocks carry 2/d
-                inv_d = 1.0 / diag.detach().to(torch.float64)
-                grad_P = torch.bmm(M, (C * (2.0 * inv_d)).to(dtype))
-            else:
-                grad_P = torch.bmm(M, C.to(dtype)).mul_(2.0 * rs.unsqueeze(-1))
-        if need_d:
-            if scalar:
-                inv_d = 1.0 / diag.detach().to(torch.float64)
+        if scalar:
+            inv_d64 = 1.0 / diag.to(torch.float64)
+            if need_P:
+                grad_P = torch.bmm(A, (Kinv * (2.0 * g_l * inv_d64)[:, None, None]).to(dtype))  # 2 g_l (P/d) K⁻¹
+            if need_d:
                 trace_term = D - R + Kinv.diagonal(dim1=-2, dim2=-1).sum(-1)  # Σ_i (1 − a_iᵀK⁻¹a_i)
-                gd = (g_l * trace_term).sum() * inv_d
+                gd = (g_l * trace_term).sum() * inv_d64
                 if S:
-                    gd = gd - (g_m * res.square().sum(1, dtype=torch.float64)).sum() * inv_d
+                    gd = gd - (g_m * w.square().sum(-1, dtype=torch.float64)).sum()
                 grad_d = gd.to(dtype)
-            else:
-                A = M[..., :R]
-                q = (torch.bmm(A, Kinv.to(dtype)) * A).sum(-1)  # a_iᵀ K⁻¹ a_i, [N, D]
-                gd = (1.0 - q) * (g_l.to(dtype).unsqueeze(-1) / diag)
+        elif need_P or need_d:
+            rs = diag.rsqrt()
+            AK = torch.bmm(A, Kinv.to(dtype))  # A K⁻¹, [N, D, R]
+            if need_d:
+                q = torch.einsum("ndr,ndr->nd", AK, A)  # a_iᵀ K⁻¹ a_i
+                gd = (1.0 - q) * g_l.to(dtype).unsqueeze(-1) / diag
                 if S:
-                    gd = gd - (w.square() * g_m.to(dtype).unsqueeze(1)).sum(-1)
+                    gd = gd - (w.square() * g_m.to(dtype).unsqueeze(-1)).sum(1)
                 grad_d = gd
+            if need_P:
+                grad_P = AK.mul_((2.0 * g_l).to(dtype)[:, None, None] * rs.unsqueeze(-1))  # 2 g_l (P/d) K⁻¹
+        if need_P and S:
+            # − 2 w diag(g_m) Zᵀ: a rank-S update of the O(D·R²) term above
+            grad_P.baddbmm_(w.mT, (-2.0 * g_m.unsqueeze(-1) * Z.mT).to(dtype))
         return grad_loc, grad_P, grad_d, grad_x, None
 
 
@@ -511,8 +506,8 @@ class LowRankNormal(_PixelGaussian):
         if value is not None:
             cols, full = _value_columns(value, self.batch_shape, self.D, f"{self._name}.log_prob")
             if self._observed is not None:
-                obs = _flat_batch(self._observed, self.batch_shape, (self.D,)).unsqueeze(-1)
-                cols = torch.where(obs, loc.unsqueeze(-1), cols)
+                obs = _flat_batch(self._observed, self.batch_shape, (self.D,)).unsqueeze(1)
+                cols = torch.where(obs, loc.unsqueeze(1), cols)
         try:
             maha, logdet, L = _LowRankTerms.apply(loc, P, diag, cols, self.batch_shape)
         except _NonFinite:
