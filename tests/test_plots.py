@@ -300,6 +300,9 @@ def test_run_state(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(dict(complete=True, epochs=v.config().epochs)))
     assert reproduce.run_state(tmp_path, v.config()) == "complete"
     assert reproduce.run_state(tmp_path, reproduce.plan("smoke")[1].config()) == "stale"
+    assert reproduce.run_state(tmp_path, v.config().replace(epochs=3)) == "partial"  # more epochs: resumed
+    (tmp_path / "config.json").write_text(json.dumps(v.config().replace(epochs=3).to_dict()))
+    assert reproduce.run_state(tmp_path, v.config()) == "stale"  # trained past the plan
 
 
 def test_command_line_rejects_bad_arguments(capsys):
