@@ -94,7 +94,7 @@ def _check_values(t: torch.Tensor, name: str, owner: str, batch_shape: torch.Siz
 def _flat_batch(t: torch.Tensor, batch_shape: torch.Size, event: Sequence[int]) -> torch.Tensor:
     """Expand t to batch_shape + event and view it as [N, *event] (copies only if broadcasting)."""
     t = t.expand(*batch_shape, *event)
-    return t.reshape(-1, *event)
+    return t.reshape(math.prod(batch_shape), *event)
 
 
 def _value_columns(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str):
@@ -190,6 +190,8 @@ class _LowRankTerms(torch.autograd.Function):
         scalar = diag.dim() == 0
         dtype = factor.dtype
         if scalar:
+            if not bool(torch.isfinite(diag)) or not bool(diag > 0):
+                raise _NonFinite()
             inv_d64 = 1.0 / diag.to(torch.float64)
             A = factor  # A = P d^{-1/2}: the scale is applied in the R×R domain instead
             gram = torch.bmm(A.mT, A)  # PᵀP
@@ -333,7 +335,7 @@ class _PixelGaussian(Distribution):
         """Number of scored (unobserved) pixels: D, or [...] for a conditional."""
         if self._observed is None:
             return self.D
-        return self.D - self._observed.sum(-1)
+        return self.D - self._observed.sum(-1, dtype=torch.float64)
 
     def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))
@@ -742,10 +744,10 @@ class DiagonalNormal(_PixelGaussian):
         return d
 
     def _logdet(self, d: torch.Tensor) -> torch.Tensor:
-        """log|diag d| = Σ_i log d_i, accumulated in float64."""
+        """log|diag d| = Σ_i log d_i, accumulated in float64 ([*batch])."""
         if d.dim() == 0:
-            return (self.D * torch.log(d.to(torch.float64))).to(d.dtype).expand(self.batch_shape)
-        return d.log().sum(-1, dtype=torch.float64).to(d.dtype).expand(self.batch_shape)
+            return (self.D * torch.log(d.to(torch.float64))).expand(self.batch_shape)
+        return d.log().sum(-1, dtype=torch.float64).expand(self.batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """[*sample, *batch] −½ Σ_i (log 2π + log d_i + (x_i − μ_i)²/d_i), over unobserved pixels."""
@@ -756,16 +758,17 @@ class DiagonalNormal(_PixelGaussian):
         diff = value - self.loc
         if self._observed is not None:
             diff = diff.masked_fill(self._observed, 0.0)
-        maha = (diff.square() / d).sum(-1, dtype=torch.float64).to(diff.dtype)
+        maha = (diff.square() / d).sum(-1, dtype=torch.float64)
         if not bool(torch.isfinite(maha).all()):
             _check_values(self.loc, "loc", self._name, self.batch_shape, 1)
             _check_values(d.expand(*self.batch_shape, self.D) if d.dim() else d, "cov_diag", self._name,
                           self.batch_shape, 1 if d.dim() else 0, positive=True)
             raise ValueError(f"{self._name}.log_prob: value has NaN or Inf entries")
-        return -0.5 * (self._n_free() * _LOG_2PI + self._logdet(d) + maha)
+        return (-0.5 * (self._n_free() * _LOG_2PI + self._logdet(d) + maha)).to(self.loc.dtype)
 
     def entropy(self) -> torch.Tensor:
-        return 0.5 * self._n_free() * (1.0 + _LOG_2PI) + 0.5 * self._logdet(self._free_diag())
+        """[*batch] ½ Σ_i (1 + log 2π + log d_i) over unobserved pixels."""
+        return (0.5 * self._n_free() * (1.0 + _LOG_2PI) + 0.5 * self._logdet(self._free_diag())).to(self.loc.dtype)
 
     def from_noise(self, factor_noise: torch.Tensor | None, diag_noise: torch.Tensor | None) -> torch.Tensor:
         """loc + sqrt(d) ⊙ diag_noise ([..., D]); factor_noise must be None or [..., 0]."""
