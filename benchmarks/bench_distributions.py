@@ -42,6 +42,20 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
+def interleaved_ms(fns: dict, repeats: int) -> dict:
+    """Median wall time (ms) of each function, timed round-robin so that every contender sees the same
+    background load (this machine is shared; ratios stay meaningful when absolute times drift)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def make_case(D: int, learned: bool, seed: int = 0):
     """A decoder-like case: factor columns of different scales, x drawn from the model."""
     g = torch.Generator().manual_seed(seed)
@@ -85,16 +99,12 @@ def time_logprob(D: int, learned: bool, repeats: int):
 
     reps = max(3, repeats if D < 50_000 else repeats // 2)
     Pd = P.detach()
-    out = dict(
-        gram=median_ms(lambda: torch.bmm(Pd.mT, Pd), reps),
-        ours_f=median_ms(fwd(ours), reps), td_f=median_ms(fwd(ref), reps),
-        ours_fb=median_ms(fwdbwd(ours), reps), td_fb=median_ms(fwdbwd(ref), reps),
-    )
-    return out
+    return interleaved_ms(dict(gram=lambda: torch.bmm(Pd.mT, Pd), ours_f=fwd(ours), td_f=fwd(ref),
+                               ours_fb=fwdbwd(ours), td_fb=fwdbwd(ref)), reps)
 
 
 def time_condition(repeats: int):
-    """Half-image mask (top half observed) at 3·64·64, learned-scale diagonal fixed at ε."""
+    """Half-image mask (top half of every channel observed) at 3·64·64, fixed diagonal ε."""
     D = 3 * 64 * 64
     loc, P, d, x = make_case(D, learned=False, seed=1)
     img = torch.zeros(3, 64, 64, dtype=torch.bool)
@@ -166,7 +176,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     sizes = [3 * 64 * 64] if args.quick else [3 * 32 * 32, 3 * 64 * 64, 3 * 218 * 178]
     lines = [f"# bench_distributions: torch {torch.__version__}, {args.threads} threads, "
-             f"{platform.processor() or platform.machine()}, B={B}, R={R}, medians of {args.repeats} runs",
+             f"{platform.processor() or platform.machine()}, B={B}, R={R}, medians of {args.repeats} runs "
+             f"(round-robin), load average at start {os.getloadavg()[0]:.1f}",
              "", "log_prob + entropy (times in ms; speed-up = torch.distributions time / ours)", ""]
     hdr = (f"{'D':>7} {'diagonal':<9} {'Gram PᵀP':>9} {'ours fwd':>9} {'td fwd':>8} {'speed-up':>8} "
            f"{'fwd/Gram':>8} {'ours f+b':>9} {'td f+b':>8} {'speed-up':>8}")
@@ -195,6 +206,8 @@ def main(argv=None) -> int:
                  f"  torch.distributions {a['td']:>10.3f} nats"]
         print("\n".join(block), flush=True)
         lines += block
+    lines.append(f"# load average at end {os.getloadavg()[0]:.1f}")
+    print(lines[-1])
     if args.out:
         d = os.path.dirname(os.path.abspath(args.out))
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench_", suffix=".txt")

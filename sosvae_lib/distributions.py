@@ -28,6 +28,7 @@ import math
 from typing import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution, constraints
 
 __all__ = ["LowRankNormal", "DiagonalNormal", "DENSE_COVARIANCE_LIMIT"]
@@ -64,31 +65,37 @@ def _bad_items(bad: torch.Tensor, batch_shape: torch.Size) -> str:
     return f"batch items {shown}{more} (batch_shape {tuple(batch_shape)})"
 
 
-def _nonfinite_items(t: torch.Tensor, batch_shape: torch.Size, event_dims: int) -> torch.Tensor:
-    """bool [batch_shape]: True where t (broadcast to batch_shape + its event dims) has NaN/Inf."""
-    bad = ~torch.isfinite(t)
+def _flag_items(flag: torch.Tensor, batch_shape: torch.Size, event_dims: int) -> torch.Tensor:
+    """bool [batch_shape]: reduce an elementwise flag over its event dims (and any sample dims)."""
     if event_dims:
-        bad = bad.flatten(-event_dims).any(-1) if bad.dim() >= event_dims else bad.any()
-    return bad.expand(batch_shape) if bad.dim() <= len(batch_shape) else bad.reshape(-1, *batch_shape).any(0)
+        flag = flag.flatten(-event_dims).any(-1) if flag.dim() >= event_dims else flag.any()
+    if flag.dim() <= len(batch_shape):
+        return flag.expand(batch_shape)
+    return flag.reshape(-1, *batch_shape).any(0)
 
 
 def _check_values(t: torch.Tensor, name: str, owner: str, batch_shape: torch.Size, event_dims: int,
                   positive: bool = False) -> None:
-    """Raise one clear ValueError when t has NaN/Inf (or, if positive, entries ≤ 0)."""
-    bad = _nonfinite_items(t, batch_shape, event_dims)
+    """Raise one clear ValueError when t has NaN/Inf (or, if positive, entries ≤ 0), naming batch items."""
+    bad = _flag_items(~torch.isfinite(t), batch_shape, event_dims)
     if bool(bad.any()):
         raise ValueError(f"{owner}: {name} has NaN or Inf entries at {_bad_items(bad, batch_shape)}")
     if positive:
-        nonpos = t <= 0
-        if event_dims and nonpos.dim() >= event_dims:
-            nonpos = nonpos.flatten(-event_dims).any(-1)
-        elif event_dims:
-            nonpos = nonpos.any()
-        nonpos = nonpos.expand(batch_shape) if nonpos.dim() <= len(batch_shape) else \
-            nonpos.reshape(-1, *batch_shape).any(0)
+        nonpos = _flag_items(t <= 0, batch_shape, event_dims)
         if bool(nonpos.any()):
             raise ValueError(f"{owner}: {name} must be > 0 (variances), got entries ≤ 0 at "
                              f"{_bad_items(nonpos, batch_shape)}")
+
+
+def _parse_diag(cov_diag: torch.Tensor, D: int, owner: str) -> tuple[torch.Tensor, torch.Size]:
+    """(diag, its batch shape): a one-element cov_diag becomes a 0-dim scalar (kept scalar through all the
+    algebra, so a fixed ε costs nothing per pixel); otherwise a view [..., D] of it."""
+    if cov_diag.numel() == 1 and cov_diag.dim() <= 1:
+        return cov_diag.reshape(()), torch.Size()
+    if cov_diag.dim() == 0 or cov_diag.shape[-1] not in (1, D):
+        raise ValueError(f"{owner}: cov_diag must be a scalar or broadcastable to loc [..., {D}], "
+                         f"got {tuple(cov_diag.shape)}")
+    return cov_diag.expand(*cov_diag.shape[:-1], D), cov_diag.shape[:-1]
 
 
 def _flat_batch(t: torch.Tensor, batch_shape: torch.Size, event: Sequence[int]) -> torch.Tensor:
@@ -97,12 +104,12 @@ def _flat_batch(t: torch.Tensor, batch_shape: torch.Size, event: Sequence[int]) 
     return t.reshape(math.prod(batch_shape), *event)
 
 
-def _value_columns(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str):
+def _value_rows(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str):
     """Arrange a value [*sample, *batch, D] as rows [N, S, D] (N = prod(batch), S = prod(sample)).
 
     Extra leading dims become rows of one matrix so that many values under one distribution share one
     pass over the factor (e.g. a single PCA distribution scoring a whole data batch).
-    Returns (columns, full_shape) where full_shape = sample + batch.
+    Returns (rows, full_shape) where full_shape = sample + batch.
     """
     if value.dim() < 1 or value.shape[-1] != D:
         raise ValueError(f"{owner}: value must have shape [..., {D}] (event size D={D}), got {tuple(value.shape)}")
@@ -176,6 +183,7 @@ class _LowRankTerms(torch.autograd.Function):
     Outputs: maha [N, S], logdet [N] (float64, so that their sum keeps float32 inputs accurate),
     L [N, R, R] float64 (not differentiable). batch_shape only names batch items in error messages.
 
+    The backward is analytic and not itself differentiable (no double backward).
     Cost: the forward reads the factor once for the Gram matrix AᵀA (plus one pass writing A = d^{-1/2} P
     when d is per-pixel; a scalar d is applied in the R×R domain) and twice more as matrix-vector products
     (Aᵀy and the residual y − A z); the backward reads it once for A K⁻¹ (its only O(D·R²) step) and
@@ -232,6 +240,7 @@ class _LowRankTerms(torch.autograd.Function):
         return maha, logdet, L
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_maha, g_logdet, _g_L):
         A, diag, L, Z, w = ctx.saved_tensors  # A = P for a scalar d, P d^{-1/2} otherwise
         need_loc, need_P, need_d, need_x, _ = ctx.needs_input_grad
@@ -403,23 +412,13 @@ class LowRankNormal(_PixelGaussian):
         if len({loc.dtype, cov_factor.dtype, cov_diag.dtype}) != 1:
             raise TypeError(f"{name}: loc, cov_factor and cov_diag must share one dtype, got "
                             f"{loc.dtype}, {cov_factor.dtype}, {cov_diag.dtype}")
-        if cov_diag.numel() == 1 and cov_diag.dim() <= 1:
-            diag = cov_diag.reshape(())
-            diag_batch = torch.Size()
-        else:
-            if cov_diag.dim() == 0 or (cov_diag.shape[-1] not in (1, D)):
-                raise ValueError(f"{name}: cov_diag must be a scalar or broadcastable to loc [..., {D}], "
-                                 f"got {tuple(cov_diag.shape)}")
-            diag = cov_diag
-            diag_batch = cov_diag.shape[:-1]
+        diag, diag_batch = _parse_diag(cov_diag, D, name)
         try:
             batch_shape = torch.broadcast_shapes(loc.shape[:-1], cov_factor.shape[:-2], diag_batch)
         except RuntimeError:
             raise ValueError(f"{name}: batch shapes of loc {tuple(loc.shape[:-1])}, cov_factor "
                              f"{tuple(cov_factor.shape[:-2])} and cov_diag {tuple(diag_batch)} do not broadcast") \
                 from None
-        if diag.dim() > 0:
-            diag = diag.expand(*diag.shape[:-1], D)
         self.loc = loc.expand(*batch_shape, D)
         self.cov_factor = cov_factor.expand(*batch_shape, D, cov_factor.shape[-1])
         self._diag = diag
@@ -506,7 +505,7 @@ class LowRankNormal(_PixelGaussian):
         loc, P, diag = self._flat_params()
         cols = full = None
         if value is not None:
-            cols, full = _value_columns(value, self.batch_shape, self.D, f"{self._name}.log_prob")
+            cols, full = _value_rows(value, self.batch_shape, self.D, f"{self._name}.log_prob")
             if self._observed is not None:
                 obs = _flat_batch(self._observed, self.batch_shape, (self.D,)).unsqueeze(1)
                 cols = torch.where(obs, loc.unsqueeze(1), cols)
@@ -622,34 +621,33 @@ def _condition_lowrank(dist: LowRankNormal, mask: torch.Tensor, values: torch.Te
     """
     bs, D, R = dist.batch_shape, dist.D, dist.rank
     loc, P, diag = dist._flat_params()
-    N = P.shape[0]
+    N, dtype = P.shape[0], P.dtype
     m = _flat_batch(mask, bs, (D,))
     v = _flat_batch(values, bs, (D,))
     prev = None if dist._observed is None else _flat_batch(dist._observed, bs, (D,))
     new = m if prev is None else m & ~prev
-    rs = diag.rsqrt()
-    rs_col = rs.unsqueeze(-1) if rs.dim() else rs
-    zero = torch.zeros((), dtype=P.dtype, device=P.device)
-    A_O = torch.where(new.unsqueeze(-1), P * rs_col, zero)  # [N, D, R]
-    y_O = torch.where(new, (v - loc) * rs, zero).unsqueeze(-1)  # [N, D, 1]
-    gram = torch.bmm(A_O.mT, torch.cat([A_O, y_O], -1))  # [N, R, R+1]: A_OᵀA_O | A_Oᵀy_O
-    if not bool(torch.isfinite(gram).all()):
+    zero = torch.zeros((), dtype=dtype, device=P.device)
+    w_O = torch.where(new, diag.rsqrt().expand(N, D), zero)  # d^{-1/2} on newly observed pixels, else 0
+    A_O = P * w_O.unsqueeze(-1)  # [N, D, R], zero rows off O
+    y_O = torch.where(new, v - loc, zero).mul_(w_O).unsqueeze(1)  # [N, 1, D] (row layout: fast products)
+    gram = torch.bmm(A_O.mT, A_O)  # A_OᵀA_O
+    AtY = torch.bmm(y_O, A_O)  # (A_Oᵀ y_O)ᵀ, [N, 1, R]
+    if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(AtY).all())):
         dist._diagnose(None)
-    L = _capacitance_cholesky(gram[..., :R], f"{dist._name}.condition", bs)
-    z = torch.cholesky_solve(gram[..., R:].to(torch.float64), L)  # [N, R, 1] float64
-    # one refinement step: the normal-equation residual A_Oᵀ(y_O − A_O z) − z, in the factor's dtype
-    r = torch.baddbmm(y_O, A_O, z.to(P.dtype), alpha=-1.0)
-    g = torch.bmm(A_O.mT, r).to(torch.float64) - z
+    L = _capacitance_cholesky(gram, f"{dist._name}.condition", bs)
+    z = torch.cholesky_solve(AtY.mT.to(torch.float64), L)  # [N, R, 1] float64
+    # one refinement step on the normal equations K z = A_Oᵀ y_O, residual A_Oᵀ(y_O − A_O z) − z
+    r = torch.baddbmm(y_O, z.mT.to(dtype), A_O.mT, alpha=-1.0)
+    g = torch.bmm(r, A_O).mT.to(torch.float64) - z
     z = z + torch.cholesky_solve(g, L)
-    cond_mean = torch.baddbmm(loc.unsqueeze(-1), P, z.to(P.dtype)).squeeze(-1)
+    del A_O, r
+    cond_mean = torch.baddbmm(loc.unsqueeze(1), z.mT.to(dtype), P.mT).squeeze(1)  # μ + P z
     new_loc = torch.where(new, v, cond_mean)
     eye = torch.eye(R, dtype=torch.float64, device=P.device).expand(N, R, R)
     L_inv_T = torch.linalg.solve_triangular(L, eye, upper=False).mT  # L_O^{-T}, R×R
-    P_U = torch.where(m.unsqueeze(-1), zero, P)
-    new_P = torch.bmm(P_U, L_inv_T.to(P.dtype))
+    new_P = torch.bmm(P, L_inv_T.to(dtype)).mul_((~m).to(dtype).unsqueeze(-1))  # P_U L_O^{-T}, exact zeros on O
     observed = m if prev is None else (m | prev)
-    out_diag = dist._diag
-    return LowRankNormal(new_loc.reshape(*bs, D), new_P.reshape(*bs, D, R), out_diag,
+    return LowRankNormal(new_loc.reshape(*bs, D), new_P.reshape(*bs, D, R), dist._diag,
                          _observed=observed.reshape(*bs, D))
 
 
@@ -679,13 +677,7 @@ class DiagonalNormal(_PixelGaussian):
         D = loc.shape[-1]
         if loc.dtype != cov_diag.dtype:
             raise TypeError(f"{name}: loc and cov_diag must share one dtype, got {loc.dtype}, {cov_diag.dtype}")
-        if cov_diag.numel() == 1 and cov_diag.dim() <= 1:
-            diag, diag_batch = cov_diag.reshape(()), torch.Size()
-        else:
-            if cov_diag.dim() == 0 or cov_diag.shape[-1] not in (1, D):
-                raise ValueError(f"{name}: cov_diag must be a scalar or broadcastable to loc [..., {D}], "
-                                 f"got {tuple(cov_diag.shape)}")
-            diag, diag_batch = cov_diag.expand(*cov_diag.shape[:-1], D), cov_diag.shape[:-1]
+        diag, diag_batch = _parse_diag(cov_diag, D, name)
         try:
             batch_shape = torch.broadcast_shapes(loc.shape[:-1], diag_batch)
         except RuntimeError:
