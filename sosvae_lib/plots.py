@@ -255,7 +255,7 @@ def editor_figure(edits: Mapping[str, tuple[C.EditResult, C.Completions]]) -> Fi
 
 def sweeps_figure(sweeps: C.Sweeps, kind: str = "principal", max_rows: int | None = 10, title: str = "") -> Figure:
     """One row per component, one column per t ∈ sweeps.ts (−3 … +3 standard deviations), plus a last column with
-    the direction itself (image at +1 minus μ, diverging colours). ``kind``: ``columns`` (columns of P, by
+    the direction itself (image at +1 minus μ, diverging colours, each row on its own scale). ``kind``: ``columns`` (columns of P, by
     decreasing norm) or ``principal`` (eigen-directions of P Pᵀ, by decreasing eigenvalue)."""
     if kind not in ("columns", "principal"):
         raise ValueError(f"kind: must be 'columns' or 'principal', got {kind!r}")
@@ -266,11 +266,10 @@ def sweeps_figure(sweeps: C.Sweeps, kind: str = "principal", max_rows: int | Non
     fig = _grid(k, len(t) + 1, cell=0.85, extra_w=1.0, extra_h=0.4)
     axes = fig.subplots(k, len(t) + 1, squeeze=False, gridspec_kw=dict(wspace=0.04, hspace=0.04))
     directions = (images[:k, -1] - sweeps.mean) / float(t[-1]) if float(t[-1]) != 0 else images[:k, -1] * 0
-    scale = _robust_max(directions, 1.0)
     for i in range(k):
         for j in range(len(t)):
             _show(axes[i, j], _image(images[i, j], shape))
-        a, kw = _signed(directions[i], shape, scale)
+        a, kw = _signed(directions[i], shape, _robust_max(directions[i], 1.0))  # its own scale: the pattern
         _show(axes[i, -1], a, **kw)
         if kind == "columns":
             idx = sweeps.column_order[i] if sweeps.column_order else i
@@ -280,7 +279,7 @@ def sweeps_figure(sweeps: C.Sweeps, kind: str = "principal", max_rows: int | Non
         axes[i, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     for j in range(len(t)):
         axes[0, j].set_title(f"{float(t[j]):+g}σ", fontsize=7)
-    axes[0, -1].set_title(f"direction (±{scale:.2g})", fontsize=7)
+    axes[0, -1].set_title("direction (own scale)", fontsize=7)
     what = "columns of P" if kind == "columns" else "principal directions of P Pᵀ"
     fig.suptitle(title or f"{what}, swept from {float(t[0]):+g} to {float(t[-1]):+g}", fontsize=9)
     return fig
