@@ -57,11 +57,13 @@ def interleaved_ms(fns: dict, repeats: int) -> dict:
 
 
 def make_case(D: int, learned: bool, seed: int = 0):
-    """A decoder-like case: factor columns of different scales, x drawn from the model."""
+    """A decoder-like case: factor columns of different scales, x drawn from the model, P laid out as the
+    decoder heads produce it (Pᵀ contiguous)."""
     g = torch.Generator().manual_seed(seed)
     loc = torch.rand(B, D, generator=g)
     scales = torch.logspace(-2, -0.5, R)
-    P = torch.randn(B, D, R, generator=g) * scales / (D ** 0.5) * 30
+    # the factor as the decoder heads hand it over: a [B, D, R] transposed view of a contiguous [B, R, D]
+    P = (torch.randn(B, R, D, generator=g) * scales.unsqueeze(-1) / (D ** 0.5) * 30).mT
     if learned:
         d = torch.rand(B, D, generator=g) * 1e-2 + EPS
     else:

@@ -166,6 +166,17 @@ def _log_diag_sum(diag: torch.Tensor, N: int, D: int) -> torch.Tensor:
     return diag.log().sum(-1, dtype=torch.float64)
 
 
+def _times_small(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """A @ C for A [N, D, R] and a small C [N, R, K], returned in A's memory layout.
+
+    Decoder heads produce P as a transposed view (Pᵀ contiguous); keeping results in the same layout keeps
+    the elementwise products with A that follow on the fast path.
+    """
+    if A.stride(-2) == 1 and not A.is_contiguous():
+        return torch.bmm(C.mT, A.mT).mT
+    return torch.bmm(A, C)
+
+
 class _LowRankTerms(torch.autograd.Function):
     """Mahalanobis terms and log-determinant of N(loc, P Pᵀ + diag d), with an analytic backward.
 
@@ -204,24 +215,32 @@ class _LowRankTerms(torch.autograd.Function):
             A = factor  # A = P d^{-1/2}: the scale is applied in the R×R domain instead
             gram = torch.bmm(A.mT, A)  # PᵀP
             gAA = gram.to(torch.float64) * inv_d64
+            if S:
+                X = value - loc.unsqueeze(1)  # [N, S, D]
+                AtY = torch.bmm(X, A).to(torch.float64) * inv_d64  # (Aᵀy)ᵀ = (x − loc)ᵀ P / d, [N, S, R]
         else:
             rs = diag.rsqrt()  # [N, D]
-            A = factor * rs.unsqueeze(-1)  # one Gram of a single operand is faster than PᵀD⁻¹P
-            gram = torch.bmm(A.mT, A)
-            gAA = gram.to(torch.float64)
-        if not bool(torch.isfinite(gram).all()):
+            if S and factor.mT.is_contiguous():
+                # Pᵀ contiguous (the decoder heads' layout): write [Aᵀ; yᵀ] as rows of one buffer, so that
+                # one Gram matrix gives AᵀA and Aᵀy together and A stays a contiguous block of it
+                M = factor.new_empty(N, R + S, D)
+                torch.mul(factor.mT, rs.unsqueeze(1), out=M[:, :R])
+                torch.mul(value - loc.unsqueeze(1), rs.unsqueeze(1), out=M[:, R:])
+                gram = torch.bmm(M, M.mT)  # [N, R+S, R+S]
+                A, X = M[:, :R].mT, M[:, R:]
+                gAA, AtY = gram[:, :R, :R].to(torch.float64), gram[:, R:, :R].to(torch.float64)
+            else:
+                A = factor * rs.unsqueeze(-1)  # one Gram of a single operand is faster than PᵀD⁻¹P
+                gram = torch.bmm(A.mT, A)
+                gAA = gram.to(torch.float64)
+                if S:
+                    X = (value - loc.unsqueeze(1)) * rs.unsqueeze(1)  # y
+                    AtY = torch.bmm(X, A).to(torch.float64)
+        if not bool(torch.isfinite(gram).all()) or (S and not bool(torch.isfinite(AtY).all())):
             raise _NonFinite()
         L = _capacitance_cholesky(gAA, "LowRankNormal", batch_shape)
         logdet = _logdet_from_cholesky(L, _log_diag_sum(diag, N, D))
         if S:
-            X = value - loc.unsqueeze(1)  # [N, S, D]
-            if scalar:
-                AtY = torch.bmm(X, A).to(torch.float64) * inv_d64  # (Aᵀy)ᵀ = (x − loc)ᵀ P / d, [N, S, R]
-            else:
-                X = X * rs.unsqueeze(1)  # y
-                AtY = torch.bmm(X, A).to(torch.float64)
-            if not bool(torch.isfinite(AtY).all()):
-                raise _NonFinite()
             Z = torch.cholesky_solve(AtY.mT, L)  # [N, R, S] float64
             if scalar:
                 r = torch.baddbmm(X, Z.mT.to(dtype), A.mT, alpha=-1.0)  # x − loc − P z, [N, S, D]
@@ -264,7 +283,7 @@ class _LowRankTerms(torch.autograd.Function):
         if scalar:
             inv_d64 = 1.0 / diag.to(torch.float64)
             if need_P:
-                grad_P = torch.bmm(A, (Kinv * (2.0 * g_l * inv_d64)[:, None, None]).to(dtype))  # 2 g_l (P/d) K⁻¹
+                grad_P = _times_small(A, (Kinv * (2.0 * g_l * inv_d64)[:, None, None]).to(dtype))  # 2 g_l (P/d) K⁻¹
             if need_d:
                 trace_term = D - R + Kinv.diagonal(dim1=-2, dim2=-1).sum(-1)  # Σ_i (1 − a_iᵀK⁻¹a_i)
                 gd = (g_l * trace_term).sum() * inv_d64
@@ -273,9 +292,10 @@ class _LowRankTerms(torch.autograd.Function):
                 grad_d = gd.to(dtype)
         elif need_P or need_d:
             rs = diag.rsqrt()
-            AK = torch.bmm(A, Kinv.to(dtype))  # A K⁻¹, [N, D, R]
+            AK = _times_small(A, Kinv.to(dtype))  # A K⁻¹, [N, D, R]
             if need_d:
-                q = torch.einsum("ndr,ndr->nd", AK, A)  # a_iᵀ K⁻¹ a_i
+                # a_iᵀ K⁻¹ a_i; einsum is fastest for row-major A but copies a transposed one
+                q = torch.einsum("ndr,ndr->nd", AK, A) if A.is_contiguous() else (AK * A).sum(-1)
                 gd = (1.0 - q) * g_l.to(dtype).unsqueeze(-1) / diag
                 if S:
                     gd = gd - (w.square() * g_m.to(dtype).unsqueeze(-1)).sum(1)

@@ -50,7 +50,7 @@ def items(t: torch.Tensor, batch_shape, event_dims: int):
 
 
 def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a, dtype=F64), torch.as_tensor(b, dtype=F64)
+    a, b = torch.as_tensor(a).detach().to(F64), torch.as_tensor(b).detach().to(F64)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
@@ -372,6 +372,31 @@ def test_gradcheck_custom_backward(diag_kind, S):
 
     args = (loc, P, d) + ((x,) if S else ())
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scalar", [False, True])
+def test_transposed_factor_layout_gives_identical_results_and_gradients(scalar):
+    """Decoder heads hand over P as a transposed view (Pᵀ contiguous), which takes a different kernel path."""
+    loc, P, d, x = make_case((3,), D=40, R=5, seed=30 + scalar, scalar=scalar, log_d=(-3, 1), log_scale=(-1, 1))
+    xs = torch.stack([x, x + 0.1])
+    out = {}
+    for layout in ("row-major", "transposed"):
+        Pl = P.clone() if layout == "row-major" else P.mT.contiguous().mT
+        assert Pl.mT.is_contiguous() == (layout == "transposed")
+        ps = [t.clone().requires_grad_() for t in (loc, Pl, d)]
+        m = LowRankNormal(*ps)
+        lp, lps, ent = m.log_prob(x), m.log_prob(xs), m.entropy()
+        (lp.sum() + lps.sum() + ent.sum()).backward()
+        out[layout] = [lp, lps, ent] + [p.grad for p in ps]
+    for a, b in zip(out["row-major"], out["transposed"]):
+        assert rel_err(a, b) < 1e-12
+    g = torch.Generator().manual_seed(3)
+    Pt = torch.randn(2, 3, 6, generator=g, dtype=F64).mT.requires_grad_()
+    lt = torch.randn(2, 6, generator=g, dtype=F64, requires_grad=True)
+    dt = (torch.tensor(0.5, dtype=F64) if scalar else torch.rand(2, 6, generator=g, dtype=F64) + 0.3).requires_grad_()
+    xt = torch.randn(2, 6, generator=g, dtype=F64, requires_grad=True)
+    f = lambda lt, Pt, dt, xt: LowRankNormal(lt, Pt, dt).log_prob(xt)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (lt, Pt, dt, xt), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 def test_gradcheck_conditional_log_prob():
