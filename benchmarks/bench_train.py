@@ -5,8 +5,9 @@ Both variants share the encoder, trunk and head weights (same initialisation) an
 the distribution that scores x differs. Timing interleaves the two variants step by step in one process, so load
 from other processes on the machine hits both alike; the reported images/s is the batch size over the median step
 time. Peak memory is measured in a fresh subprocess per variant: on the CPU, the growth of the peak resident set
-size during training steps over the resident size just before the first step (model, optimiser state and batch
-already allocated); on CUDA, `torch.cuda.max_memory_allocated` of the steps.
+size (VmHWM, reset before the first step) during two training steps over the resident size just before them
+(model and batch already allocated; Adam's state appears in the first step); on CUDA,
+`torch.cuda.max_memory_allocated` of the steps.
 
     python benchmarks/bench_train.py [--steps 5] [--threads 2] [--configs paper,cpu] [--out FILE]
 """
@@ -17,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -128,6 +128,23 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """VmHWM of this process's address space (unlike ru_maxrss it does not inherit the parent's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def memory_child(name: str, variant: str, device: torch.device) -> dict:
     """Run in a fresh process: peak memory of two training steps of one variant."""
     _, model, opt, obj, x = _setup(name, device)
@@ -138,12 +155,12 @@ def memory_child(name: str, variant: str, device: torch.device) -> dict:
             train_step(model, opt, obj, x, variant)
         torch.cuda.synchronize(device)
         return {"peak_step_bytes": torch.cuda.max_memory_allocated(device) - base, "kind": "cuda allocated"}
+    _reset_peak_rss()
     base = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for _ in range(2):
         train_step(model, opt, obj, x, variant)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_step_bytes": max(peak, peak_before) - base, "peak_rss_bytes": peak, "kind": "cpu rss"}
+    peak = _peak_rss_bytes()
+    return {"peak_step_bytes": peak - base, "peak_rss_bytes": peak, "kind": "cpu rss"}
 
 
 def measure_memory(name: str, variant: str, threads: int, device: str) -> dict:
