@@ -50,7 +50,7 @@ def items(t: torch.Tensor, batch_shape, event_dims: int):
 
 
 def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).detach().to(F64), torch.as_tensor(b).detach().to(F64)
+    a, b = (t.detach().to(F64) if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=F64) for t in (a, b))
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
