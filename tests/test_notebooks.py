@@ -131,6 +131,20 @@ def test_05_metrics_records_the_table_rows(smoke):
     assert head["lowrank"]["residual_corr_samples"] > head["diagonal"]["residual_corr_samples"]
 
 
+@pytest.mark.parametrize("name", reproduce.NOTEBOOKS)
+def test_every_parameter_is_commented(name):
+    import nbformat
+    import papermill
+
+    nb = nbformat.read(reproduce.NOTEBOOKS_DIR / f"{name}.ipynb", 4)
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+    params = papermill.inspect_notebook(str(reproduce.NOTEBOOKS_DIR / f"{name}.ipynb"))
+    lines = [ln for ln in tagged[0].source.splitlines() if ln and not ln.startswith("#")]
+    assert len(params) == len(lines) >= 5  # papermill parsed every line
+    assert all(p["help"] for p in params.values()), [k for k, p in params.items() if not p["help"]]
+
+
 def test_a_notebook_runs_on_its_own_with_its_default_parameters(tmp_path):
     """05_metrics with its defaults trains and evaluates the smoke plan itself (paths relative to its folder)."""
     cwd = tmp_path / "notebooks"
