@@ -52,7 +52,7 @@ def test_smoke_reproduction_writes_every_expected_file(smoke):
     readme = (d / "README.md").read_text()
     for stem in stems:
         assert f"](figures/{stem}.png)" in readme
-    assert "| orl | lowrank | 2 |" in readme
+    assert "| orl | lowrank | 2 |" in readme and "| orl | lowrank R=2 |" in readme  # table and headline
     status = json.loads((d / "reproduce.json").read_text())
     assert status["failed"] == [] and status["skipped"] == []
     assert set(status["runs"]) == set(VARIANTS) and status["wall_seconds"] < 300
