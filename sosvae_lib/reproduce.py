@@ -108,11 +108,11 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
     if scale == "cpu":
         # orl: the preset's epochs over its 320 training faces. The others get about the same compute: a 32×32
         # image trains ~2.5× faster than a 64×64 one, a 64×64 RGB one about as fast (the trunk dominates).
-        out = _variants("orl", "cpu", (1, 5, 25), 4.0, image_size=64)
-        out += _variants("fashion-mnist", "cpu", (25,), 4.0, image_size=32, max_items=4000, epochs=8)
-        out += _variants("celeba", "cpu", (25,), 4.0, image_size=64, max_items=2000, epochs=6)
+        out = _variants("orl", "cpu", (1, 5, 25), 3.0, image_size=64)
+        out += _variants("fashion-mnist", "cpu", (25,), 3.0, image_size=32, max_items=4000, epochs=8)
+        out += _variants("celeba", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6)
         if folder_root:
-            out += _variants("folder", "cpu", (25,), 4.0, image_size=64, max_items=2000, epochs=6)
+            out += _variants("folder", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6)
         return out
     out = _variants("celeba", "paper", (1, 5, 25), 240.0)
     if folder_root:
