@@ -177,6 +177,64 @@ def _times_small(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return torch.bmm(A, C)
 
 
+_CHUNK_BYTES = 4 << 20
+"""Size of the reusable buffer through which weighted Gram matrices and row-wise dots are streamed on CPU."""
+
+
+def _chunk_rows(P: torch.Tensor, width: int) -> int:
+    """Rows per chunk so that an [N, chunk, width] buffer stays cache-sized (all rows at once on GPUs)."""
+    N, D = P.shape[0], P.shape[1]
+    if P.device.type != "cpu":
+        return max(1, D)
+    return max(1, min(D, max(128, _CHUNK_BYTES // max(1, N * width * P.element_size()))))
+
+
+def _weighted_gram(P: torch.Tensor, weight: torch.Tensor, Y: torch.Tensor | None) -> torch.Tensor:
+    """Gram matrix Bᵀ B of B = [diag(weight) P | Yᵀ], [N, R+S, R+S] (P [N, D, R], weight [N, D], Y [N, S, D]).
+
+    With weight = d^{-1/2} this is [AᵀA, Aᵀy; yᵀA, yᵀy]. diag(weight) P is never formed: chunks of rows are
+    written to one small reused buffer, so no D×R temporary is allocated (a fresh one costs page faults
+    comparable to the Gram itself at full CelebA size). The buffer follows P's layout.
+    """
+    N, D, R = P.shape
+    S = 0 if Y is None else Y.shape[1]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (P, weight, Y)):
+        B = P * weight.unsqueeze(-1)  # differentiable route (conditioning under autograd)
+        if S:
+            B = torch.cat([B, Y.mT], dim=-1)
+        return torch.bmm(B.mT, B)
+    c = _chunk_rows(P, R + S)
+    rows = P.mT.is_contiguous() and not P.is_contiguous()  # Pᵀ contiguous: build Bᵀ by rows
+    G = P.new_zeros(N, R + S, R + S)
+    buf = P.new_empty(N, R + S, c) if rows else P.new_empty(N, c, R + S)
+    for s in range(0, D, c):
+        e = min(D, s + c)
+        if rows:
+            b = buf[:, :, :e - s]
+            torch.mul(P.mT[:, :, s:e], weight[:, None, s:e], out=b[:, :R])
+            if S:
+                b[:, R:].copy_(Y[:, :, s:e])
+            G.baddbmm_(b, b.mT)
+        else:
+            b = buf[:, :e - s]
+            torch.mul(P[:, s:e], weight[:, s:e, None], out=b[..., :R])
+            if S:
+                b[..., R:].copy_(Y[:, :, s:e].mT)
+            G.baddbmm_(b.mT, b)
+    return G
+
+
+def _row_dots(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """[N, D] row-wise dot products Σ_j U_ij V_ij of two [N, D, R] tensors, chunk by chunk (no D×R temporary)."""
+    N, D, R = U.shape
+    c = _chunk_rows(U, R)
+    out = U.new_empty(N, D)
+    for s in range(0, D, c):
+        e = min(D, s + c)
+        out[:, s:e] = (U[:, s:e] * V[:, s:e]).sum(-1)
+    return out
+
+
 class _LowRankTerms(torch.autograd.Function):
     """Mahalanobis terms and log-determinant of N(loc, P Pᵀ + diag d), with an analytic backward.
 
@@ -195,11 +253,12 @@ class _LowRankTerms(torch.autograd.Function):
     L [N, R, R] float64 (not differentiable). batch_shape only names batch items in error messages.
 
     The backward is analytic and not itself differentiable (no double backward).
-    Cost: the forward reads the factor once for the Gram matrix AᵀA (plus one pass writing A = d^{-1/2} P
-    when d is per-pixel; a scalar d is applied in the R×R domain) and twice more as matrix-vector products
-    (Aᵀy and the residual y − A z); the backward reads it once for A K⁻¹ (its only O(D·R²) step) and
-    adds a rank-S term.
-    The value is laid out as rows [N, S, D] so both matrix-vector products stream the factor contiguously.
+    Cost: the forward reads the factor once for the Gram matrix (with Aᵀy folded in when d is per-pixel,
+    see `_weighted_gram`; a scalar d is applied in the R×R domain, Aᵀy is then one matrix-vector product)
+    and once more for the residual x − loc − P z; the backward reads it once for P K⁻¹ (its only O(D·R²)
+    step, whose result becomes the factor's gradient in place) and adds a rank-S term. No D×R temporary
+    is allocated besides that gradient. Values are laid out as rows [N, S, D] so the matrix-vector
+    products stream the factor contiguously.
     """
 
     @staticmethod
@@ -208,66 +267,47 @@ class _LowRankTerms(torch.autograd.Function):
         S = 0 if value is None else value.shape[1]
         scalar = diag.dim() == 0
         dtype = factor.dtype
+        X = None if value is None else value - loc.unsqueeze(1)  # x − loc, [N, S, D]
         if scalar:
             if not bool(torch.isfinite(diag)) or not bool(diag > 0):
                 raise _NonFinite()
             inv_d64 = 1.0 / diag.to(torch.float64)
-            A = factor  # A = P d^{-1/2}: the scale is applied in the R×R domain instead
-            gram = torch.bmm(A.mT, A)  # PᵀP
+            gram = torch.bmm(factor.mT, factor)  # PᵀP; the scale 1/d is applied in the R×R domain
             gAA = gram.to(torch.float64) * inv_d64
             if S:
-                X = value - loc.unsqueeze(1)  # [N, S, D]
-                AtY = torch.bmm(X, A).to(torch.float64) * inv_d64  # (Aᵀy)ᵀ = (x − loc)ᵀ P / d, [N, S, R]
+                AtY = torch.bmm(X, factor).to(torch.float64) * inv_d64  # (Aᵀy)ᵀ = (x − loc)ᵀ P / d, [N, S, R]
         else:
             rs = diag.rsqrt()  # [N, D]
-            if S and factor.mT.is_contiguous():
-                # Pᵀ contiguous (the decoder heads' layout): write [Aᵀ; yᵀ] as rows of one buffer, so that
-                # one Gram matrix gives AᵀA and Aᵀy together and A stays a contiguous block of it
-                M = factor.new_empty(N, R + S, D)
-                torch.mul(factor.mT, rs.unsqueeze(1), out=M[:, :R])
-                torch.mul(value - loc.unsqueeze(1), rs.unsqueeze(1), out=M[:, R:])
-                gram = torch.bmm(M, M.mT)  # [N, R+S, R+S]
-                A, X = M[:, :R].mT, M[:, R:]
-                gAA, AtY = gram[:, :R, :R].to(torch.float64), gram[:, R:, :R].to(torch.float64)
-            else:
-                A = factor * rs.unsqueeze(-1)  # one Gram of a single operand is faster than PᵀD⁻¹P
-                gram = torch.bmm(A.mT, A)
-                gAA = gram.to(torch.float64)
-                if S:
-                    X = (value - loc.unsqueeze(1)) * rs.unsqueeze(1)  # y
-                    AtY = torch.bmm(X, A).to(torch.float64)
+            gram = _weighted_gram(factor, rs, X * rs.unsqueeze(1) if S else None)  # [AᵀA, Aᵀy; ·, ·]
+            gAA = gram[:, :R, :R].to(torch.float64)
+            if S:
+                AtY = gram[:, R:, :R].to(torch.float64)
         if not bool(torch.isfinite(gram).all()) or (S and not bool(torch.isfinite(AtY).all())):
             raise _NonFinite()
         L = _capacitance_cholesky(gAA, "LowRankNormal", batch_shape)
         logdet = _logdet_from_cholesky(L, _log_diag_sum(diag, N, D))
         if S:
             Z = torch.cholesky_solve(AtY.mT, L)  # [N, R, S] float64
-            if scalar:
-                r = torch.baddbmm(X, Z.mT.to(dtype), A.mT, alpha=-1.0)  # x − loc − P z, [N, S, D]
-                w = r / diag  # Σ⁻¹(x − loc) = d^{-1/2}(y − A z)
-                maha = (r * w).sum(-1, dtype=torch.float64)
-            else:
-                r = torch.baddbmm(X, Z.mT.to(dtype), A.mT, alpha=-1.0)  # y − A z
-                w = r * rs.unsqueeze(1)
-                maha = r.square().sum(-1, dtype=torch.float64)
-            maha = maha + Z.square().sum(-2)  # ‖y − Az‖² + ‖z‖²
+            r = torch.baddbmm(X, Z.mT.to(dtype), factor.mT, alpha=-1.0)  # x − loc − P z = d^{1/2}(y − A z)
+            w = r / (diag if scalar else diag.unsqueeze(1))  # Σ⁻¹(x − loc)
+            maha = (r * w).sum(-1, dtype=torch.float64) + Z.square().sum(-2)  # ‖y − Az‖² + ‖z‖²
         else:
             Z = w = None
             maha = logdet.new_zeros(N, 0)
-        ctx.save_for_backward(A, diag, L, Z, w)
+        ctx.save_for_backward(factor, diag, L, Z, w)
         ctx.mark_non_differentiable(L)
         return maha, logdet, L
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_maha, g_logdet, _g_L):
-        A, diag, L, Z, w = ctx.saved_tensors  # A = P for a scalar d, P d^{-1/2} otherwise
+        P, diag, L, Z, w = ctx.saved_tensors
         need_loc, need_P, need_d, need_x, _ = ctx.needs_input_grad
-        N, D, R = A.shape
+        N, D, R = P.shape
         S = 0 if w is None else w.shape[1]
         scalar = diag.dim() == 0
-        dtype = A.dtype
-        f64 = dict(dtype=torch.float64, device=A.device)
+        dtype = P.dtype
+        f64 = dict(dtype=torch.float64, device=P.device)
         g_l = torch.zeros(N, **f64) if g_logdet is None else g_logdet.to(torch.float64)
         g_m = None
         if S:
@@ -283,7 +323,7 @@ class _LowRankTerms(torch.autograd.Function):
         if scalar:
             inv_d64 = 1.0 / diag.to(torch.float64)
             if need_P:
-                grad_P = _times_small(A, (Kinv * (2.0 * g_l * inv_d64)[:, None, None]).to(dtype))  # 2 g_l (P/d) K⁻¹
+                grad_P = _times_small(P, (Kinv * (2.0 * g_l * inv_d64)[:, None, None]).to(dtype))  # 2 g_l (P/d) K⁻¹
             if need_d:
                 trace_term = D - R + Kinv.diagonal(dim1=-2, dim2=-1).sum(-1)  # Σ_i (1 − a_iᵀK⁻¹a_i)
                 gd = (g_l * trace_term).sum() * inv_d64
@@ -291,17 +331,15 @@ class _LowRankTerms(torch.autograd.Function):
                     gd = gd - (g_m * w.square().sum(-1, dtype=torch.float64)).sum()
                 grad_d = gd.to(dtype)
         elif need_P or need_d:
-            rs = diag.rsqrt()
-            AK = _times_small(A, Kinv.to(dtype))  # A K⁻¹, [N, D, R]
+            PK = _times_small(P, Kinv.to(dtype))  # P K⁻¹, [N, D, R] (becomes grad_P in place)
             if need_d:
-                # a_iᵀ K⁻¹ a_i; einsum is fastest for row-major A but copies a transposed one
-                q = torch.einsum("ndr,ndr->nd", AK, A) if A.is_contiguous() else (AK * A).sum(-1)
+                q = _row_dots(PK, P) / diag  # a_iᵀ K⁻¹ a_i = (P K⁻¹ Pᵀ)_ii / d_i
                 gd = (1.0 - q) * g_l.to(dtype).unsqueeze(-1) / diag
                 if S:
                     gd = gd - (w.square() * g_m.to(dtype).unsqueeze(-1)).sum(1)
                 grad_d = gd
             if need_P:
-                grad_P = AK.mul_((2.0 * g_l).to(dtype)[:, None, None] * rs.unsqueeze(-1))  # 2 g_l (P/d) K⁻¹
+                grad_P = PK.mul_((2.0 * g_l).to(dtype)[:, None, None] / diag.unsqueeze(-1))  # 2 g_l (P/d) K⁻¹
         if need_P and S:
             # − 2 w diag(g_m) Zᵀ: a rank-S update of the O(D·R²) term above
             grad_P.baddbmm_(w.mT, (-2.0 * g_m.unsqueeze(-1) * Z.mT).to(dtype))
@@ -648,24 +686,23 @@ def _condition_lowrank(dist: LowRankNormal, mask: torch.Tensor, values: torch.Te
     new = m if prev is None else m & ~prev
     zero = torch.zeros((), dtype=dtype, device=P.device)
     w_O = torch.where(new, diag.rsqrt().expand(N, D), zero)  # d^{-1/2} on newly observed pixels, else 0
-    A_O = P * w_O.unsqueeze(-1)  # [N, D, R], zero rows off O
-    y_O = torch.where(new, v - loc, zero).mul_(w_O).unsqueeze(1)  # [N, 1, D] (row layout: fast products)
-    gram = torch.bmm(A_O.mT, A_O)  # A_OᵀA_O
-    AtY = torch.bmm(y_O, A_O)  # (A_Oᵀ y_O)ᵀ, [N, 1, R]
-    if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(AtY).all())):
+    X_O = torch.where(new, v - loc, zero).unsqueeze(1)  # values − μ on O, [N, 1, D] (rows: fast products)
+    G = _weighted_gram(P, w_O, X_O * w_O.unsqueeze(1))  # [A_OᵀA_O, A_Oᵀy_O; ·, ·] with A_O = diag(w_O) P
+    gram, AtY = G[:, :R, :R], G[:, R:, :R]
+    if not bool(torch.isfinite(G).all()):
         dist._diagnose(None)
     L = _capacitance_cholesky(gram, f"{dist._name}.condition", bs)
     z = torch.cholesky_solve(AtY.mT.to(torch.float64), L)  # [N, R, 1] float64
-    # one refinement step on the normal equations K z = A_Oᵀ y_O, residual A_Oᵀ(y_O − A_O z) − z
-    r = torch.baddbmm(y_O, z.mT.to(dtype), A_O.mT, alpha=-1.0)
-    g = torch.bmm(r, A_O).mT.to(torch.float64) - z
+    # one refinement step on K_O z = A_Oᵀ y_O: residual A_Oᵀ(y_O − A_O z) − z, where
+    # y_O − A_O z = w_O ⊙ (x_O − μ_O − P z), so only matrix-vector products with P are needed
+    r = torch.baddbmm(X_O, z.mT.to(dtype), P.mT, alpha=-1.0).mul_(w_O.square().unsqueeze(1))
+    g = torch.bmm(r, P).mT.to(torch.float64) - z
     z = z + torch.cholesky_solve(g, L)
-    del A_O, r
     cond_mean = torch.baddbmm(loc.unsqueeze(1), z.mT.to(dtype), P.mT).squeeze(1)  # μ + P z
     new_loc = torch.where(new, v, cond_mean)
     eye = torch.eye(R, dtype=torch.float64, device=P.device).expand(N, R, R)
     L_inv_T = torch.linalg.solve_triangular(L, eye, upper=False).mT  # L_O^{-T}, R×R
-    new_P = torch.bmm(P, L_inv_T.to(dtype)).mul_((~m).to(dtype).unsqueeze(-1))  # P_U L_O^{-T}, exact zeros on O
+    new_P = _times_small(P, L_inv_T.to(dtype)).mul_((~m).to(dtype).unsqueeze(-1))  # P_U L_O^{-T}, zeros on O
     observed = m if prev is None else (m | prev)
     return LowRankNormal(new_loc.reshape(*bs, D), new_P.reshape(*bs, D, R), dist._diag,
                          _observed=observed.reshape(*bs, D))
