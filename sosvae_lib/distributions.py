@@ -189,8 +189,9 @@ def _chunk_rows(P: torch.Tensor, width: int) -> int:
     return max(1, min(D, max(128, _CHUNK_BYTES // max(1, N * width * P.element_size()))))
 
 
-def _weighted_gram(P: torch.Tensor, weight: torch.Tensor, Y: torch.Tensor | None) -> torch.Tensor:
-    """Gram matrix Bᵀ B of B = [diag(weight) P | Yᵀ], [N, R+S, R+S] (P [N, D, R], weight [N, D], Y [N, S, D]).
+def _weighted_gram(P: torch.Tensor, weight: torch.Tensor | None, Y: torch.Tensor | None) -> torch.Tensor:
+    """Gram matrix Bᵀ B of B = [diag(weight) P | Yᵀ], [N, R+S, R+S] (P [N, D, R], weight [N, D] or None
+    for ones, Y [N, S, D]).
 
     With weight = d^{-1/2} this is [AᵀA, Aᵀy; yᵀA, yᵀy]. diag(weight) P is never formed: chunks of rows are
     written to one small reused buffer, so no D×R temporary is allocated (a fresh one costs page faults
@@ -199,7 +200,7 @@ def _weighted_gram(P: torch.Tensor, weight: torch.Tensor, Y: torch.Tensor | None
     N, D, R = P.shape
     S = 0 if Y is None else Y.shape[1]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (P, weight, Y)):
-        B = P * weight.unsqueeze(-1)  # differentiable route (conditioning under autograd)
+        B = P if weight is None else P * weight.unsqueeze(-1)  # differentiable route (conditioning under autograd)
         if S:
             B = torch.cat([B, Y.mT], dim=-1)
         return torch.bmm(B.mT, B)
@@ -211,13 +212,19 @@ def _weighted_gram(P: torch.Tensor, weight: torch.Tensor, Y: torch.Tensor | None
         e = min(D, s + c)
         if rows:
             b = buf[:, :, :e - s]
-            torch.mul(P.mT[:, :, s:e], weight[:, None, s:e], out=b[:, :R])
+            if weight is None:
+                b[:, :R].copy_(P.mT[:, :, s:e])
+            else:
+                torch.mul(P.mT[:, :, s:e], weight[:, None, s:e], out=b[:, :R])
             if S:
                 b[:, R:].copy_(Y[:, :, s:e])
             G.baddbmm_(b, b.mT)
         else:
             b = buf[:, :e - s]
-            torch.mul(P[:, s:e], weight[:, s:e, None], out=b[..., :R])
+            if weight is None:
+                b[..., :R].copy_(P[:, s:e])
+            else:
+                torch.mul(P[:, s:e], weight[:, s:e, None], out=b[..., :R])
             if S:
                 b[..., R:].copy_(Y[:, :, s:e].mT)
             G.baddbmm_(b.mT, b)
@@ -272,10 +279,11 @@ class _LowRankTerms(torch.autograd.Function):
             if not bool(torch.isfinite(diag)) or not bool(diag > 0):
                 raise _NonFinite()
             inv_d64 = 1.0 / diag.to(torch.float64)
-            gram = torch.bmm(factor.mT, factor)  # PᵀP; the scale 1/d is applied in the R×R domain
-            gAA = gram.to(torch.float64) * inv_d64
+            # [PᵀP, Pᵀ(x − loc); ·, ·] in one streaming pass; the scale 1/d is applied in the R×R domain
+            gram = _weighted_gram(factor, None, X) if S else torch.bmm(factor.mT, factor)
+            gAA = gram[:, :R, :R].to(torch.float64) * inv_d64
             if S:
-                AtY = torch.bmm(X, factor).to(torch.float64) * inv_d64  # (Aᵀy)ᵀ = (x − loc)ᵀ P / d, [N, S, R]
+                AtY = gram[:, R:, :R].to(torch.float64) * inv_d64  # (Aᵀy)ᵀ = (x − loc)ᵀ P / d, [N, S, R]
         else:
             rs = diag.rsqrt()  # [N, D]
             gram = _weighted_gram(factor, rs, X * rs.unsqueeze(1) if S else None)  # [AᵀA, Aᵀy; ·, ·]
