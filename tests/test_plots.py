@@ -264,7 +264,7 @@ def test_plan_per_scale():
     assert [v.name for v in reproduce.plan("smoke")] == ["orl-lowrank-r1", "orl-lowrank-r2", "orl-diagonal"]
     cpu = reproduce.plan("cpu")
     assert [v.name for v in cpu] == ["orl-lowrank-r1", "orl-lowrank-r5", "orl-lowrank-r25", "orl-diagonal",
-                                     "fashion-mnist-lowrank-r25", "fashion-mnist-diagonal",
+                                     "orl-lowrank-diag-r25", "fashion-mnist-lowrank-r25", "fashion-mnist-diagonal",
                                      "celeba-lowrank-r25", "celeba-diagonal"]
     assert [v.name for v in cpu if v.main] == ["orl-lowrank-r25", "fashion-mnist-lowrank-r25", "celeba-lowrank-r25"]
     assert sum(v.minutes for v in cpu) <= 45
