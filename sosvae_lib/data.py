@@ -33,6 +33,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import io
 import math
 import os
 import struct
@@ -43,6 +44,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpoint import atomic_write_bytes
 
 DATASETS = ("orl", "fashion-mnist", "celeba", "folder", "synthetic")
 SPLITS = ("train", "val", "test")
@@ -336,11 +339,9 @@ def _disk_cached(key: tuple, files: Sequence[str], build: Callable[[], torch.Ten
                 pass
         value = build()
         try:  # a read-only or full disk only costs the speed-up
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as fh:
-                np.save(fh, value.numpy())
-            os.replace(tmp, path)
+            buffer = io.BytesIO()
+            np.save(buffer, value.numpy())
+            atomic_write_bytes(path, buffer.getvalue())
         except OSError:
             pass
         return value

@@ -23,7 +23,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -33,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from . import components as C
+from .checkpoint import atomic_write_bytes
 
 Shape = tuple[int, int, int]
 FORMATS = ("png", "pdf")
@@ -55,15 +55,7 @@ def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = F
         buffer = io.BytesIO()
         fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", metadata=_metadata(fmt))
         path = stem.parent / f"{stem.name}.{fmt}"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, buffer.getvalue())
         paths.append(path)
     return paths
 

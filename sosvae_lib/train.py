@@ -32,6 +32,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .config import HEADS, PRESETS, TrainConfig
 from .distributed import (DistContext, all_reduce_sum, cleanup, init_distributed, make_sampler, wrap_model)
+from .metrics import bits_per_dim, dequantize
 from .model import VAE, build_model
 from .objectives import make_objective
 
@@ -78,12 +79,6 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def dequantize(x: torch.Tensor) -> torch.Tensor:
-    """8-bit images k/255 → (k + u)/256 with u ~ U(0, 1): the usual dequantisation, so that a continuous density
-    is fitted; the matching bits per dimension is NLL/(D·ln 2) + 8."""
-    return (x * 255.0 + torch.rand_like(x)) / 256.0
 
 
 def _first(batch: Any) -> torch.Tensor:
@@ -170,7 +165,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, progress: bool, ctx
     loader = make_loader(dataset, config.batch_size, shuffle=False, seed=config.seed,
                          num_workers=config.num_workers, drop_last=False, sampler=sampler)
     dim = math.prod(image_shape)
-    bpd_offset = 8.0 if config.dequantize else 0.0
+    bpd_bits = 8 if config.dequantize else 0
 
     writer = None
     if ctx.is_main:
@@ -201,7 +196,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, progress: bool, ctx
             for batch_idx, batch in enumerate(loader):
                 x = _first(batch).to(device, non_blocking=True).contiguous(memory_format=layout)
                 if config.dequantize:
-                    x = dequantize(x)
+                    x = dequantize(x)  # the global generator, reseeded every epoch (exact resume)
                 terms = step_module(x)
                 nll, kl = terms[0], terms[1]
                 entropy = terms[2] if objective.uses_entropy else None
@@ -237,7 +232,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, progress: bool, ctx
             n = float(sums[4])
             row: dict[str, Any] = {
                 "epoch": epoch + 1, "loss": float(sums[0]) / n, "nll": float(sums[1]) / n,
-                "nll_bpd": float(sums[1]) / n / (dim * math.log(2)) + bpd_offset,
+                "nll_bpd": float(bits_per_dim(float(sums[1]) / n, dim, bits=bpd_bits)),
                 "kl": float(sums[2]) / n, "target_kl": config.target_kl if config.beta is None else float("nan"),
                 "lambda": objective.lam,
             }
@@ -277,7 +272,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, progress: bool, ctx
     }
     if ctx.is_main:
         ckpt_io.atomic_write_json(out_dir / ckpt_io.SUMMARY, summary)
-    return dict(summary, rank=ctx.rank)
+    return dict(summary, process_rank=ctx.rank)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if summary.get("rank", 0) == 0:
+    if summary.get("process_rank", 0) == 0:
         final = summary["final"]
         if final:
             print(f"done: {summary['epochs']} epochs in {summary['train_seconds']:.1f} s "
