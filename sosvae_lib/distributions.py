@@ -104,6 +104,16 @@ def _flat_batch(t: torch.Tensor, batch_shape: torch.Size, event: Sequence[int]) 
     return t.reshape(math.prod(batch_shape), *event)
 
 
+def _broadcast_to_batch(lead: torch.Size, batch_shape: torch.Size, error: str) -> tuple[torch.Size, int]:
+    """The broadcast of leading dims ``lead`` with ``batch_shape`` (= sample + batch) and the number of sample
+    dims in front; ``error`` is the message raised when they do not broadcast."""
+    try:
+        full = torch.broadcast_shapes(lead, batch_shape)
+    except RuntimeError:
+        raise ValueError(error) from None
+    return full, len(full) - len(batch_shape)
+
+
 def _value_rows(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str):
     """Arrange a value [*sample, *batch, D] as rows [N, S, D] (N = prod(batch), S = prod(sample)).
 
@@ -113,12 +123,9 @@ def _value_rows(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str
     """
     if value.dim() < 1 or value.shape[-1] != D:
         raise ValueError(f"{owner}: value must have shape [..., {D}] (event size D={D}), got {tuple(value.shape)}")
-    try:
-        full = torch.broadcast_shapes(value.shape[:-1], batch_shape)
-    except RuntimeError:
-        raise ValueError(f"{owner}: value shape {tuple(value.shape)} does not broadcast with batch_shape "
-                         f"{tuple(batch_shape)} + ({D},)") from None
-    n_sample = len(full) - len(batch_shape)
+    full, n_sample = _broadcast_to_batch(value.shape[:-1], batch_shape,
+                                         f"{owner}: value shape {tuple(value.shape)} does not broadcast with "
+                                         f"batch_shape {tuple(batch_shape)} + ({D},)")
     if tuple(full[n_sample:]) != tuple(batch_shape):
         raise ValueError(f"{owner}: value shape {tuple(value.shape)} would enlarge batch_shape "
                          f"{tuple(batch_shape)}; expand the distribution first")
@@ -658,12 +665,9 @@ def _factor_times(P: torch.Tensor, noise: torch.Tensor, batch_shape: torch.Size,
     Sample dims are folded into the columns of one matrix product so P is never copied per sample.
     """
     D, R = P.shape[-2:]
-    try:
-        full = torch.broadcast_shapes(noise.shape[:-1], batch_shape)
-    except RuntimeError:
-        raise ValueError(f"{owner}.from_noise: noise shape {tuple(noise.shape)} does not broadcast with "
-                         f"batch_shape {tuple(batch_shape)}") from None
-    n_sample = len(full) - len(batch_shape)
+    full, n_sample = _broadcast_to_batch(noise.shape[:-1], batch_shape,
+                                         f"{owner}.from_noise: noise shape {tuple(noise.shape)} does not "
+                                         f"broadcast with batch_shape {tuple(batch_shape)}")
     if n_sample == 0:
         return (P @ noise.unsqueeze(-1)).squeeze(-1)
     N = max(1, math.prod(batch_shape))
