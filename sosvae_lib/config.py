@@ -215,7 +215,9 @@ def check_rank(rank: int, dim: int) -> None:
 _PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(image_size=16, max_items=32, width=4, levels=2, latent=4, rank=2, epochs=1, batch_size=8,
                   lr=1e-3, target_kl=5.0),
-    "cpu": dict(width=16, levels=3, latent=32, rank=25, epochs=40, batch_size=25, lr=1e-3, target_kl=30.0),
+    # cpu: mean pre-training for the first quarter, else a lowrank μ stays grey and P carries the whole image
+    "cpu": dict(width=16, levels=3, latent=32, rank=25, epochs=40, pretrain_epochs=10, batch_size=25, lr=1e-3,
+                target_kl=30.0),
     "paper": dict(dataset="celeba", image_size=(218, 178), augment=True, width=64, levels=4, latent=128, rank=25,
                   epochs=100, batch_size=25, lr=1e-4, target_kl=45.0),
 }

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import SUMMARY, atomic_write_json, atomic_write_text
+from .tables import format_cell
 
 SCALES = ("smoke", "cpu", "paper")
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -112,10 +112,13 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
         # the learned-diagonal variant: the paper's fixed ε = 1e-5 makes conditioning on true pixels an
         # unregularised least-squares fit of R coefficients; a learned d shows what a noise model changes.
         out.append(Variant("orl", "lowrank-diag", 25, "cpu", (("image_size", 64),), minutes=3.0))
-        out += _variants("fashion-mnist", "cpu", (25,), 3.0, image_size=32, max_items=4000, epochs=8)
-        out += _variants("celeba", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6)
+        out += _variants("fashion-mnist", "cpu", (25,), 3.0, image_size=32, max_items=4000, epochs=8,
+                        pretrain_epochs=2)
+        out += _variants("celeba", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6,
+                        pretrain_epochs=2)
         if folder_root:
-            out += _variants("folder", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6)
+            out += _variants("folder", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6,
+                            pretrain_epochs=2)
         return out
     out = _variants("celeba", "paper", (1, 5, 25), 240.0)
     if folder_root:
@@ -310,7 +313,7 @@ def write_readme(scale_dir: Path, scale: str, status: dict[str, Any]) -> Path:
     lines += ["## Runs", "", "| variant | status | epochs | train s | test NLL (bpd) |", "|---|---|---|---|---|"]
     for name, r in status["runs"].items():
         lines.append(f"| {name} | {r.get('state', '')} | {r.get('epochs', '')} | "
-                     f"{_fmt(r.get('train_seconds'))} | {_fmt(r.get('test_nll_bpd'))} |")
+                     f"{format_cell(r.get('train_seconds'))} | {format_cell(r.get('test_nll_bpd'))} |")
     rows_path = scale_dir / "tables" / "metrics.json"
     if rows_path.is_file():
         from .tables import headline
@@ -327,7 +330,7 @@ def write_readme(scale_dir: Path, scale: str, status: dict[str, Any]) -> Path:
                 if model in entry:
                     r = entry[model]
                     label = model if model == "diagonal" else f"{model} R={r['rank']}"
-                    lines.append(f"| {ds} | {label} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+                    lines.append(f"| {ds} | {label} | " + " | ".join(format_cell(r.get(k)) for k in keys) + " |")
     md = scale_dir / "tables" / "metrics.md"
     if md.is_file():
         lines += ["", "## Metrics", "", "One row per (dataset, head, rank); `pca` is the global PPCA baseline of the "
@@ -340,12 +343,6 @@ def write_readme(scale_dir: Path, scale: str, status: dict[str, Any]) -> Path:
     path = scale_dir / "README.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    return "" if v is None else str(v)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -431,9 +428,9 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
             result = evaluate_runs([run_dir], force=force or entry["state"] == "trained", **EVAL_OPTIONS[scale])[0]
             entry["test_nll_bpd"] = result.get("test_nll_bpd")
             log(f"    {v.name}: evaluated ({time.perf_counter() - t0:.0f} s): test NLL "
-                f"{_fmt(result.get('test_nll_bpd'))} bpd, residual corr. samples "
-                f"{_fmt(result.get('residual_corr_samples'))} / data {_fmt(result.get('residual_corr_data'))}, "
-                f"span capture {_fmt(result.get('span_capture'))}")
+                f"{format_cell(result.get('test_nll_bpd'))} bpd, residual corr. samples "
+                f"{format_cell(result.get('residual_corr_samples'))} / data {format_cell(result.get('residual_corr_data'))}, "
+                f"span capture {format_cell(result.get('span_capture'))}")
         except Exception as err:  # noqa: BLE001
             line = f"{v.name}: evaluation failed ({_error_line(err)})"
             log("FAILED " + line)

@@ -64,7 +64,9 @@ def collect_rows(run_dirs: Iterable[str | os.PathLike] | str | os.PathLike, spli
                                                 int(r["rank"] or 0)))
 
 
-def _cell(v: Any, digits: int = 4) -> str:
+def format_cell(v: Any, digits: int = 4) -> str:
+    """One table cell: ``digits`` significant digits, trailing zeros kept (6.99991 → "7.000", so a rounded value
+    never looks like an exact one), scientific notation outside [1e-3, 1e5)."""
     if v is None:
         return ""
     if isinstance(v, bool):
@@ -76,7 +78,7 @@ def _cell(v: Any, digits: int = 4) -> str:
             return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.{digits - 1}e}"
-        return f"{v:.{digits}g}"
+        return f"{v:#.{digits}g}".rstrip(".")
     return str(v)
 
 
@@ -94,7 +96,7 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = MARK
     """A GitHub Markdown table of ``rows`` with ``columns`` (4 significant digits)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(format_cell(r.get(c)) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
