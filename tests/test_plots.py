@@ -254,7 +254,7 @@ def test_tables_collect_deduplicate_and_write(tmp_path):
     header = paths["csv"].read_text().splitlines()[0].split(",")
     assert tuple(header[:len(tables.COLUMNS)]) == tables.COLUMNS
     md = paths["md"].read_text().splitlines()
-    assert len(md) == 2 + len(rows) and md[2].startswith("| orl | lowrank | 1 | 0.5 |")
+    assert len(md) == 2 + len(rows) and md[2].startswith("| orl | lowrank | 1 | 0.5000 |")
     head = tables.headline(rows)["orl"]
     assert head["lowrank"]["rank"] == 2 and head["pca"]["rank"] == 2 and head["diagonal"]["head"] == "diagonal"
 
@@ -311,3 +311,10 @@ def test_command_line_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--scale", "smoke", "--only", "nothing"])
     assert "only: unknown name 'nothing'" in capsys.readouterr().err
+
+
+def test_table_cells_keep_significant_zeros():
+    # a rounded value must not look exact (6.99991 is not "7"), and no trailing decimal point
+    assert [tables.format_cell(v) for v in (6.99991, 1208.3, 0.0004045, 0.5, 0.0, 123456.0, None, 3)] == \
+        ["7.000", "1208", "4.045e-04", "0.5000", "0.000", "1.235e+05", "", "3"]
+    assert tables.format_cell(float("nan")) == "nan"
