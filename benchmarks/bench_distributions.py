@@ -47,12 +47,18 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
 
 def interleaved_ms(fns: dict, repeats: int) -> dict:
     """Median wall time (ms) of each function, timed round-robin so that every contender sees the same
-    background load (this machine is shared; ratios stay meaningful when absolute times drift)."""
+    background load (this machine is shared; ratios stay meaningful when absolute times drift).
+
+    Each timed call follows an untimed call of the same function, so every contender is measured in the
+    steady state of a loop that repeats it (as in training), not in the cache and allocator state left by
+    the previous contender (a backward's freed D×R gradients would otherwise be charged to the next call).
+    """
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            fn()
             t0 = CLOCK()
             fn()
             times[k].append(CLOCK() - t0)
