@@ -427,6 +427,16 @@ class _PixelGaussian(Distribution):
             eps_r = torch.randn(*shape[:-1], self.rank, dtype=self.loc.dtype, device=self.loc.device)
         return self.from_noise(eps_r, eps_d)
 
+    def _plus_diag_noise(self, out: torch.Tensor, diag_noise: torch.Tensor | None) -> torch.Tensor:
+        """out + sqrt(d) ⊙ diag_noise (diag_noise [..., D]; None: out unchanged)."""
+        if diag_noise is None:
+            return out
+        diag_noise = _as_tensor(diag_noise, "diag_noise", self.loc)
+        if diag_noise.dim() < 1 or diag_noise.shape[-1] != self.D:
+            raise ValueError(f"{self._name}.from_noise: diag_noise must have shape [..., D={self.D}], "
+                             f"got {tuple(diag_noise.shape)}")
+        return out + self.cov_diag.sqrt() * diag_noise
+
     def _check_condition_args(self, mask, values):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"{self._name}.condition: mask must be a bool tensor [..., D], got "
@@ -637,12 +647,7 @@ class LowRankNormal(_PixelGaussian):
                 raise ValueError(f"{self._name}.from_noise: factor_noise must have shape [..., R={self.rank}], "
                                  f"got {tuple(factor_noise.shape)}")
             out = out + _factor_times(self.cov_factor, factor_noise, self.batch_shape, self._name)
-        if diag_noise is not None:
-            diag_noise = _as_tensor(diag_noise, "diag_noise", self.loc)
-            if diag_noise.dim() < 1 or diag_noise.shape[-1] != self.D:
-                raise ValueError(f"{self._name}.from_noise: diag_noise must have shape [..., D={self.D}], "
-                                 f"got {tuple(diag_noise.shape)}")
-            out = out + self.cov_diag.sqrt() * diag_noise
+        out = self._plus_diag_noise(out, diag_noise)
         return out
 
     # -- conditioning -------------------------------------------------------------------------------
@@ -837,12 +842,7 @@ class DiagonalNormal(_PixelGaussian):
             raise ValueError(f"{self._name}.from_noise: factor_noise must be None or [..., 0] (rank 0), "
                              f"got {tuple(factor_noise.shape)}")
         out = self.mean
-        if diag_noise is not None:
-            diag_noise = _as_tensor(diag_noise, "diag_noise", self.loc)
-            if diag_noise.dim() < 1 or diag_noise.shape[-1] != self.D:
-                raise ValueError(f"{self._name}.from_noise: diag_noise must have shape [..., D={self.D}], "
-                                 f"got {tuple(diag_noise.shape)}")
-            out = out + self.cov_diag.sqrt() * diag_noise
+        out = self._plus_diag_noise(out, diag_noise)
         if factor_noise is not None and factor_noise.dim() > 1:
             out = out.expand(*torch.broadcast_shapes(out.shape[:-1], factor_noise.shape[:-1]), self.D)
         return out
