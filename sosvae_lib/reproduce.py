@@ -94,7 +94,7 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
     """The variants trained at ``scale``.
 
     - ``smoke`` (tests, < 5 min): orl at 16×16, lowrank R ∈ {1, 2} and diagonal, one epoch on 32 images.
-    - ``cpu`` (≈ 45 min on 2 cores): orl 64×64 lowrank R ∈ {1, 5, 25}, lowrank-diag R = 25 and diagonal; fashion-mnist 32×32 lowrank
+    - ``cpu`` (≈ 20 min on 2 cores): orl 64×64 lowrank R ∈ {1, 5, 25}, lowrank-diag R = 25 and diagonal; fashion-mnist 32×32 lowrank
       R = 25 and diagonal; celeba 64×64 lowrank R = 25 and diagonal; (folder 64×64, R = 25 and diagonal, when
       ``folder_root`` is given). Each run is sized to a few minutes.
     - ``paper`` (GPU): celeba 218×178 with the paper preset, lowrank R ∈ {1, 5, 25} and diagonal; (folder 128×128,
@@ -486,7 +486,7 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sosvae_lib.reproduce", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", default="cpu", choices=SCALES, help="smoke (tests, < 5 min), cpu (≈ 45 min on 2 "
+    p.add_argument("--scale", default="cpu", choices=SCALES, help="smoke (tests, < 5 min), cpu (≈ 20 min on 2 "
                    "cores), paper (CelebA 218×178 on a GPU); default cpu")
     p.add_argument("--only", help="comma-separated variant or dataset names of the plan (e.g. orl,celeba-diagonal)")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate even finished runs")
