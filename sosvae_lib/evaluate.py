@@ -161,13 +161,7 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    n = images.shape[0]
-    image_shape = tuple(images.shape[1:])
-    d = math.prod(image_shape)
-    _check_patch(patch, image_shape)
-    gen = torch.Generator().manual_seed(seed)
-    corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
-    scores = _Scores()
+    n, image_shape, d, gen, corners, scores = _setup(images, patch, seed)
     ll, elbo, kl, factors = [], [], [], []
     bar = tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
@@ -205,6 +199,17 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     return out
 
 
+def _setup(images: torch.Tensor, patch: int, seed: int):
+    """What every evaluation of test images [N, C, H, W] starts from: (N, (C, H, W), D, the seeded generator,
+    the random patch corners drawn from it first, an empty score accumulator)."""
+    n = images.shape[0]
+    image_shape = tuple(images.shape[1:])
+    _check_patch(patch, image_shape)
+    gen = torch.Generator().manual_seed(seed)
+    corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
+    return n, image_shape, math.prod(image_shape), gen, corners, _Scores()
+
+
 def _draw(obs: Any, gen: torch.Generator) -> torch.Tensor:
     """One sample per batch element, y = μ + P ε_R + √d ε_D, with the noise drawn from ``gen``: [B, D]."""
     shape = obs.loc.shape
@@ -221,13 +226,7 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
     """The metrics of `evaluate_model` that apply to a global PPCA (`sosvae_lib.pca.fit_pca`) on test images
     [N, C, H, W]: test_nll_bpd is exact (no latent, so no IWAE, ELBO or KL); residuals are x − m; samples are
     draws of N(m, WWᵀ + σ²I) and the generated "means" are the single global mean."""
-    n = images.shape[0]
-    image_shape = tuple(images.shape[1:])
-    d = math.prod(image_shape)
-    _check_patch(patch, image_shape)
-    gen = torch.Generator().manual_seed(seed)
-    corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
-    scores = _Scores()
+    n, image_shape, d, gen, corners, scores = _setup(images, patch, seed)
     nll = []
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].reshape(-1, d).double()
