@@ -25,21 +25,14 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import check_int
 from .metrics import lag1_correlation, most_uncertain_patch, patch_masks
 
 Shape = tuple[int, int, int]
 
 
 def _generator(seed: int) -> torch.Generator:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
-    return torch.Generator().manual_seed(seed)
-
-
-def _check_count(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-    return value
+    return torch.Generator().manual_seed(check_int("seed", seed, 0))
 
 
 def _model_device(model: Any) -> torch.device:
@@ -67,7 +60,7 @@ def draw_noise(dist: Any, n: int | None, seed: int) -> tuple[torch.Tensor, torch
 
 def prior_latents(latent_dim: int, n: int, seed: int) -> torch.Tensor:
     """n draws z ~ N(0, I) of size ``latent_dim`` from a generator seeded with ``seed``: [n, latent_dim]."""
-    return torch.randn(_check_count("n", n), _check_count("latent_dim", latent_dim), generator=_generator(seed))
+    return torch.randn(check_int("n", n, 1), check_int("latent_dim", latent_dim, 1), generator=_generator(seed))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -178,7 +171,7 @@ def stroke_mask(image_shape: Shape, points: Sequence[tuple[float, float]], width
         raise ValueError("points: need at least one (row, col) point")
     if any(not (0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0) for p in points):
         raise ValueError(f"points: (row, col) fractions must lie in [0, 1], got {list(points)}")
-    _check_count("width", width)
+    check_int("width", width, 1)
     grid = torch.zeros(h, w, dtype=torch.bool)
     pts = [(p[0] * (h - 1), p[1] * (w - 1)) for p in points]
     segments = list(zip(pts[:-1], pts[1:])) or [(pts[0], pts[0])]
@@ -282,7 +275,7 @@ def patch_completions(dist: Any, x: torch.Tensor, image_shape: Shape, top: int, 
     """Reveal the size×size patch at (top, left) of the true image x [D] to ``dist`` (batch [] or [1]) and draw
     n completions from the conditional p(x_hidden | x_patch) with seeded noise."""
     c, h, w = image_shape
-    _check_count("n", n)
+    check_int("n", n, 1)
     if not (0 <= top <= h - size and 0 <= left <= w - size):
         raise ValueError(f"top, left: a {size}×{size} patch at ({top}, {left}) does not fit a {h}×{w} image")
     x = x.reshape(-1).to(dist.loc)
@@ -404,7 +397,7 @@ def component_sweeps(dist: Any, image_shape: Shape, ts: Sequence[float] | torch.
     rank = factor.shape[-1]
     if rank == 0:
         raise ValueError("dist: has no covariance factor (rank 0, e.g. the diagonal model): nothing to sweep")
-    k = rank if max_components is None else min(_check_count("max_components", max_components), rank)
+    k = rank if max_components is None else min(check_int("max_components", max_components, 1), rank)
     w, v, u = principal_directions(factor)
     norms = factor.double().norm(dim=0)
     order = torch.argsort(norms, descending=True)[:k]
@@ -480,7 +473,7 @@ def interpolate(model: Any, steps: int = 8, seed: int = 0, z0: torch.Tensor | No
                 z1: torch.Tensor | None = None) -> Interpolation:
     """Decode lerp and slerp paths between two latent codes (two seeded prior draws unless given) in ``steps``
     steps, with fixed observation noise (seeded) for the samples."""
-    _check_count("steps", steps, 2)
+    check_int("steps", steps, 2)
     device = _model_device(model)
     zz = prior_latents(model.latent_dim, 2, seed)
     z0 = zz[0] if z0 is None else z0.reshape(-1).cpu().float()

@@ -32,11 +32,15 @@ def _fail(field: str, message: str) -> None:
     raise ValueError(f"{field}: {message}")
 
 
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Any:
+    """Return ``value`` if it is an int (not a bool) >= ``minimum`` (or None when ``allow_none``); otherwise raise
+    ``ValueError("<name>: must be an integer >= <minimum>[ or None], got <value>")``. The one integer check of
+    every option and field in the package."""
     if value is None and allow_none:
-        return
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         _fail(name, f"must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+    return value
 
 
 def _check_float(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False,
@@ -130,7 +134,7 @@ class TrainConfig:
             if (not isinstance(pair, tuple) or len(pair) != 2
                     or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in pair)):
                 _fail("image_size", f"must be a positive int, a pair (H, W) of positive ints, or None, got {size!r}")
-        _check_int("max_items", self.max_items, 1, allow_none=True)
+        check_int("max_items", self.max_items, 1, allow_none=True)
         if self.augment is not None and not isinstance(self.augment, bool):
             _fail("augment", f"must be True, False or None, got {self.augment!r}")
         if not isinstance(self.dequantize, bool):
@@ -138,18 +142,18 @@ class TrainConfig:
 
         if self.head not in HEADS:
             _fail("head", f"must be one of {', '.join(HEADS)}, got {self.head!r}")
-        _check_int("rank", self.rank, 1)
-        _check_int("latent", self.latent, 1)
-        _check_int("width", self.width, 1)
-        _check_int("levels", self.levels, 1)
-        _check_int("max_width", self.max_width, 1)
+        check_int("rank", self.rank, 1)
+        check_int("latent", self.latent, 1)
+        check_int("width", self.width, 1)
+        check_int("levels", self.levels, 1)
+        check_int("max_width", self.max_width, 1)
         _check_float("eps", self.eps, positive=True)
         _check_float("init_var", self.init_var, positive=True)
         if self.init_var <= self.eps:
             _fail("init_var", f"must be larger than eps={self.eps}, got {self.init_var}")
 
-        _check_int("epochs", self.epochs, 0)
-        _check_int("batch_size", self.batch_size, 1)
+        check_int("epochs", self.epochs, 0)
+        check_int("batch_size", self.batch_size, 1)
         _check_float("lr", self.lr, positive=True)
         _check_float("target_kl", self.target_kl, positive=True)
         _check_float("damping", self.damping, nonnegative=True)
@@ -157,14 +161,14 @@ class TrainConfig:
         _check_float("lambda_init", self.lambda_init, nonnegative=True)
         _check_float("entropy_target", self.entropy_target, allow_none=True)
         _check_float("beta", self.beta, positive=True, allow_none=True)
-        _check_int("pretrain_epochs", self.pretrain_epochs, 0)
+        check_int("pretrain_epochs", self.pretrain_epochs, 0)
         if self.pretrain_epochs > self.epochs:
             _fail("pretrain_epochs", f"must be <= epochs={self.epochs}, got {self.pretrain_epochs}")
 
-        _check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
         if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
             _fail("device", f"must be one of {', '.join(DEVICES)} or 'cuda:N', got {self.device!r}")
-        _check_int("num_workers", self.num_workers, 0)
+        check_int("num_workers", self.num_workers, 0)
 
         hw = image_hw(self.image_size)
         if hw is not None:

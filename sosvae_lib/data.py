@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import atomic_write_bytes
+from .config import check_int
 
 DATASETS = ("orl", "fashion-mnist", "celeba", "folder", "synthetic")
 SPLITS = ("train", "val", "test")
@@ -208,8 +209,7 @@ def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None
         raise ValueError(f"augment: flips are for the train split only, got augment=True with split={split!r}")
     flip = (_DEFAULT_AUGMENT[name] if augment is None else augment) and split == "train"
     max_items = opts["max_items"]
-    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1):
-        raise ValueError(f"max_items: must be an integer >= 1 or None, got {max_items!r}")
+    check_int("max_items", max_items, 1, allow_none=True)
     if not isinstance(opts["return_labels"], bool):
         raise ValueError(f"return_labels: must be True or False, got {opts['return_labels']!r}")
     if opts["return_labels"] and name != "fashion-mnist":
@@ -218,8 +218,7 @@ def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None
         raise ValueError(f"preload: must be True, False or None (preload when under "
                          f"{PRELOAD_LIMIT_BYTES // 2**30} GiB), got {opts['preload']!r}")
     threads = opts.get("num_threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"num_threads: must be an integer >= 1 or None, got {threads!r}")
+    check_int("num_threads", threads, 1, allow_none=True)
     hw = _parse_size(image_size)
     loader: Callable[..., ImageDataset] = {"orl": _load_orl, "fashion-mnist": _load_fashion_mnist,
                                            "celeba": _load_celeba, "folder": _load_folder,
@@ -237,10 +236,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     datasets on 2 cores; with workers > 0 they are persistent and each runs one torch thread. ``sampler`` (e.g. a
     `DistributedSampler`) excludes ``shuffle=True``. Memory is pinned when CUDA is available.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers: must be an integer >= 0, got {num_workers!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("num_workers", num_workers, 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: must be an integer, got {seed!r}")
     if sampler is not None and shuffle:
@@ -801,17 +798,14 @@ def synthetic_ground_truth(channels: int = 1, height: int = 16, width: int = 16,
 
 def _load_synthetic(split: str, hw: tuple[int, int] | None, root: Path | None, flip: bool,
                     opts: dict) -> ImageDataset:
-    for key, low in (("channels", 1), ("rank", 1)):
-        v = opts[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{key}: must be an integer >= {low}, got {v!r}")
+    check_int("channels", opts["channels"], 1)
+    check_int("rank", opts["rank"], 1)
     for key in ("factor_std", "noise_std"):
         v = opts[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.2:
             raise ValueError(f"{key}: must be a number in (0, 0.2) so that samples stay inside [0, 1], got {v!r}")
+    check_int("size", opts["size"], 1, allow_none=True)
     size = _SYNTHETIC_SIZES[split] if opts["size"] is None else opts["size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size: must be an integer >= 1 or None, got {opts['size']!r}")
     h, w = hw or _DEFAULT_SIZE["synthetic"]
     c, rank = opts["channels"], opts["rank"]
     if rank >= c * h * w:

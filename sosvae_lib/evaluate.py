@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import metrics as M
+from .config import check_int
 from .pca import PCAModel, fit_pca
 
 # Cost: about k + 2 decoder passes per test image (k importance samples, the reconstruction, one prior draw); a
@@ -56,21 +57,11 @@ def _check_options(split: str, options: dict[str, Any]) -> dict[str, Any]:
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
 
-    def positive_int(name: str, allow_none: bool = False) -> None:
-        v = o[name]
-        if v is None and allow_none:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: must be an integer >= 1{' or None' if allow_none else ''}, got {v!r}")
-
-    positive_int("k")
-    positive_int("num_images", allow_none=True)
-    positive_int("num_samples", allow_none=True)
-    positive_int("batch_size")
-    positive_int("patch")
-    positive_int("pca_train_items")
-    if isinstance(o["seed"], bool) or not isinstance(o["seed"], int) or o["seed"] < 0:
-        raise ValueError(f"seed: must be an integer >= 0, got {o['seed']!r}")
+    for name in ("k", "batch_size", "patch", "pca_train_items"):
+        check_int(name, o[name], 1)
+    for name in ("num_images", "num_samples"):
+        check_int(name, o[name], 1, allow_none=True)
+    check_int("seed", o["seed"], 0)
     for name in ("pca", "progress", "write"):
         if not isinstance(o[name], bool):
             raise ValueError(f"{name}: must be True or False, got {o[name]!r}")
