@@ -25,7 +25,7 @@ Each identity lives in one private function below whose docstring states it:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -104,13 +104,15 @@ def _flat_batch(t: torch.Tensor, batch_shape: torch.Size, event: Sequence[int]) 
     return t.reshape(math.prod(batch_shape), *event)
 
 
-def _broadcast_to_batch(lead: torch.Size, batch_shape: torch.Size, error: str) -> tuple[torch.Size, int]:
+def _broadcast_to_batch(lead: torch.Size, batch_shape: torch.Size,
+                        error: Callable[[], str]) -> tuple[torch.Size, int]:
     """The broadcast of leading dims ``lead`` with ``batch_shape`` (= sample + batch) and the number of sample
-    dims in front; ``error`` is the message raised when they do not broadcast."""
+    dims in front; ``error()`` gives the message raised when they do not broadcast (built only then: this runs
+    on every log_prob)."""
     try:
         full = torch.broadcast_shapes(lead, batch_shape)
     except RuntimeError:
-        raise ValueError(error) from None
+        raise ValueError(error()) from None
     return full, len(full) - len(batch_shape)
 
 
@@ -124,7 +126,7 @@ def _value_rows(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str
     if value.dim() < 1 or value.shape[-1] != D:
         raise ValueError(f"{owner}: value must have shape [..., {D}] (event size D={D}), got {tuple(value.shape)}")
     full, n_sample = _broadcast_to_batch(value.shape[:-1], batch_shape,
-                                         f"{owner}: value shape {tuple(value.shape)} does not broadcast with "
+                                         lambda: f"{owner}: value shape {tuple(value.shape)} does not broadcast with "
                                          f"batch_shape {tuple(batch_shape)} + ({D},)")
     if tuple(full[n_sample:]) != tuple(batch_shape):
         raise ValueError(f"{owner}: value shape {tuple(value.shape)} would enlarge batch_shape "
@@ -671,7 +673,7 @@ def _factor_times(P: torch.Tensor, noise: torch.Tensor, batch_shape: torch.Size,
     """
     D, R = P.shape[-2:]
     full, n_sample = _broadcast_to_batch(noise.shape[:-1], batch_shape,
-                                         f"{owner}.from_noise: noise shape {tuple(noise.shape)} does not "
+                                         lambda: f"{owner}.from_noise: noise shape {tuple(noise.shape)} does not "
                                          f"broadcast with batch_shape {tuple(batch_shape)}")
     if n_sample == 0:
         return (P @ noise.unsqueeze(-1)).squeeze(-1)
