@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import SUMMARY, atomic_write_json, atomic_write_text
-from .tables import format_cell
+from .checkpoint import SUMMARY, atomic_write_json, atomic_write_text, load_run
+from .tables import COLUMNS, format_cell, headline
 
 SCALES = ("smoke", "cpu", "paper")
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -180,7 +180,6 @@ def load_or_train(run_dir: str | os.PathLike, train_missing: bool = False, prese
     """(model in eval mode, TrainConfig) of the run in ``run_dir``. If it holds no finished run and
     ``train_missing``, train ``TrainConfig.preset(preset, **config_fields)`` there first (so a figure notebook can
     run on its own); otherwise a missing run is an error naming the directory."""
-    from .checkpoint import load_run
     from .config import TrainConfig
     from .train import train
 
@@ -210,7 +209,6 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], force: bool = False, **
     checkpoint or lacks a column of the table (every one with ``force``); returns the results (fresh or read
     back)."""
     from .evaluate import evaluate
-    from .tables import COLUMNS
     out = []
     for d in map(Path, run_dirs):
         if run_state(d) != "complete":
@@ -316,7 +314,6 @@ def write_readme(scale_dir: Path, scale: str, status: dict[str, Any]) -> Path:
                      f"{format_cell(r.get('train_seconds'))} | {format_cell(r.get('test_nll_bpd'))} |")
     rows_path = scale_dir / "tables" / "metrics.json"
     if rows_path.is_file():
-        from .tables import headline
         keys = ("test_nll_bpd", "residual_corr_samples", "residual_corr_data", "span_capture",
                 "inpaint_rmse_uncond", "inpaint_rmse_cond")
         lines += ["", "## Headline: lowrank against diagonal", "",
