@@ -25,7 +25,7 @@ Each identity lives in one private function below whose docstring states it:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -52,6 +52,15 @@ def _as_tensor(value, name: str, like: torch.Tensor | None = None) -> torch.Tens
         raise TypeError(f"{name} must be a torch.Tensor or a float, got {type(value).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got dtype {t.dtype}")
+    return t
+
+
+def _same_dtype(t: torch.Tensor, name: str, owner: str, like: torch.Tensor) -> torch.Tensor:
+    """``t`` unchanged if its dtype is that of the parameters ``like``; else one TypeError saying how to fix it
+    (mixing float64 data with float32 parameters would silently promote or fail deep inside a kernel)."""
+    if t.dtype != like.dtype:
+        raise TypeError(f"{owner}: {name} has dtype {t.dtype} but the distribution's parameters are {like.dtype}; "
+                        f"convert one of them, e.g. {name}.to({like.dtype})")
     return t
 
 
@@ -421,7 +430,27 @@ class _PixelGaussian(Distribution):
             return self.D
         return self.D - self._observed.sum(-1, dtype=torch.float64)
 
+    def _checked_diag(self) -> torch.Tensor:
+        """The variances d (scalar or [..., D]) after one check, cached, that they are finite and > 0: the same
+        validation (and message) as `log_prob`, for the methods that use d without scoring anything."""
+        if not getattr(self, "_diag_ok", False):
+            d = self._diag
+            _check_values(d.expand(*self.batch_shape, self.D) if d.dim() else d, "cov_diag", self._name,
+                          self.batch_shape, 1 if d.dim() else 0, positive=True)
+            self._diag_ok = True
+        return self._diag
+
+    def _check_index(self, i: Any) -> int:
+        """``i`` if it is an int in [0, D) (the documented range of `covariance_row`); else an IndexError."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.D:
+            raise IndexError(f"{self._name}.covariance_row: i must be an int in [0, {self.D}), got {i!r}")
+        return i
+
     def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
+        if (not isinstance(sample_shape, (tuple, list, torch.Size))
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sample_shape)):
+            raise ValueError(f"{self._name}.sample: sample_shape must be a tuple of ints >= 0 (e.g. (8,) or ()), "
+                             f"got {sample_shape!r}")
         shape = self._extended_shape(torch.Size(sample_shape))
         eps_d = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         eps_r = None
@@ -433,7 +462,9 @@ class _PixelGaussian(Distribution):
         """out + sqrt(d) ⊙ diag_noise (diag_noise [..., D]; None: out unchanged)."""
         if diag_noise is None:
             return out
-        diag_noise = _as_tensor(diag_noise, "diag_noise", self.loc)
+        diag_noise = _same_dtype(_as_tensor(diag_noise, "diag_noise", self.loc), "diag_noise",
+                                 f"{self._name}.from_noise", self.loc)
+        self._checked_diag()
         if diag_noise.dim() < 1 or diag_noise.shape[-1] != self.D:
             raise ValueError(f"{self._name}.from_noise: diag_noise must have shape [..., D={self.D}], "
                              f"got {tuple(diag_noise.shape)}")
@@ -524,14 +555,13 @@ class LowRankNormal(_PixelGaussian):
     @property
     def variance(self) -> torch.Tensor:
         """[..., D] Σ_ii = Σ_j P_ij² + d_i (0 on observed pixels), O(D·R)."""
+        self._checked_diag()
         return self.cov_factor.square().sum(-1) + self.cov_diag
 
     def covariance_row(self, i: int) -> torch.Tensor:
         """[..., D] row i of P Pᵀ + diag(d): P P_iᵀ + d_i e_i (the Σ^(i) maps of the paper's figures)."""
-        D = self.D
-        if not isinstance(i, int) or not -D <= i < D:
-            raise IndexError(f"{self._name}.covariance_row: i must be an int in [0, {D}), got {i!r}")
-        i = i % D
+        D, i = self.D, self._check_index(i)
+        self._checked_diag()
         P = self.cov_factor
         row = (P @ P[..., i, :].unsqueeze(-1)).squeeze(-1)
         e = torch.zeros(D, dtype=row.dtype, device=row.device)
@@ -620,7 +650,7 @@ class LowRankNormal(_PixelGaussian):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """[*sample, *batch] log N(value; μ, Σ) = −½(D log 2π + log|Σ| + maha); a conditional scores only
         its unobserved pixels (observed entries of value are ignored)."""
-        value = _as_tensor(value, "value", self.loc)
+        value = _same_dtype(_as_tensor(value, "value", self.loc), "value", f"{self._name}.log_prob", self.loc)
         maha, logdet = self._terms(value)
         n = self._n_free()
         return (-0.5 * (n * _LOG_2PI + logdet + maha)).to(self.loc.dtype)
@@ -644,7 +674,8 @@ class LowRankNormal(_PixelGaussian):
         """
         out = self.mean
         if factor_noise is not None:
-            factor_noise = _as_tensor(factor_noise, "factor_noise", self.loc)
+            factor_noise = _same_dtype(_as_tensor(factor_noise, "factor_noise", self.loc), "factor_noise",
+                                       f"{self._name}.from_noise", self.loc)
             if factor_noise.dim() < 1 or factor_noise.shape[-1] != self.rank:
                 raise ValueError(f"{self._name}.from_noise: factor_noise must have shape [..., R={self.rank}], "
                                  f"got {tuple(factor_noise.shape)}")
@@ -779,14 +810,13 @@ class DiagonalNormal(_PixelGaussian):
 
     @property
     def variance(self) -> torch.Tensor:
+        self._checked_diag()
         return self.cov_diag
 
     def covariance_row(self, i: int) -> torch.Tensor:
         """[..., D] d_i e_i."""
-        D = self.D
-        if not isinstance(i, int) or not -D <= i < D:
-            raise IndexError(f"{self._name}.covariance_row: i must be an int in [0, {D}), got {i!r}")
-        i = i % D
+        D, i = self.D, self._check_index(i)
+        self._checked_diag()
         row = torch.zeros(*self.batch_shape, D, dtype=self.loc.dtype, device=self.loc.device)
         row[..., i] = self.cov_diag[..., i]
         return row
@@ -819,9 +849,10 @@ class DiagonalNormal(_PixelGaussian):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """[*sample, *batch] −½ Σ_i (log 2π + log d_i + (x_i − μ_i)²/d_i), over unobserved pixels."""
-        value = _as_tensor(value, "value", self.loc)
+        value = _same_dtype(_as_tensor(value, "value", self.loc), "value", f"{self._name}.log_prob", self.loc)
         if value.dim() < 1 or value.shape[-1] != self.D:
             raise ValueError(f"{self._name}.log_prob: value must have shape [..., {self.D}], got {tuple(value.shape)}")
+        self._checked_diag()  # log d of a negative variance would be a silent NaN
         d = self._free_diag()
         diff = value - self.loc
         if self._observed is not None:
@@ -836,6 +867,7 @@ class DiagonalNormal(_PixelGaussian):
 
     def entropy(self) -> torch.Tensor:
         """[*batch] ½ Σ_i (1 + log 2π + log d_i) over unobserved pixels."""
+        self._checked_diag()
         return (0.5 * self._n_free() * (1.0 + _LOG_2PI) + 0.5 * self._logdet(self._free_diag())).to(self.loc.dtype)
 
     def from_noise(self, factor_noise: torch.Tensor | None, diag_noise: torch.Tensor | None) -> torch.Tensor:

@@ -129,7 +129,7 @@ def test_variance_and_covariance_rows_match_dense(batch_shape):
     dense = P @ P.mT + torch.diag_embed(d)
     assert rel_err(m.variance, dense.diagonal(dim1=-2, dim2=-1)) < 1e-12
     assert rel_err(m.stddev, dense.diagonal(dim1=-2, dim2=-1).sqrt()) < 1e-12
-    for i in (0, 17, 49, -1):
+    for i in (0, 17, 49):
         assert rel_err(m.covariance_row(i), dense[..., i, :]) < 1e-12
     assert rel_err(m.covariance_matrix, dense) < 1e-12
     assert torch.equal(m.mean, loc)
@@ -657,6 +657,46 @@ def test_shape_and_type_errors():
         bad = x.clone()
         bad[1, 4] = float("nan")
         LowRankNormal(loc, P, d).condition(torch.ones(2, 10, dtype=torch.bool), bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_invalid_diagonal_is_refused_by_every_method_that_uses_it(bad):
+    """A variance ≤ 0 or NaN gives log_prob's error from sample, rsample, from_noise, variance and covariance_row
+    too (before the checks, sample returned NaNs and covariance_row negative variances)."""
+    loc, P, _, x = make_case((2,), D=10, R=2, seed=26, dtype=torch.float32)
+    what = "must be > 0" if bad == bad else "has NaN or Inf"
+    for m in (LowRankNormal(loc, P, torch.tensor(bad)), DiagonalNormal(loc, torch.tensor(bad))):
+        name = type(m).__name__
+        for call in (lambda: m.log_prob(x), lambda: m.sample(), lambda: m.sample((3,)), lambda: m.rsample(),
+                     lambda: m.from_noise(None, torch.zeros(2, 10)), lambda: m.variance,
+                     lambda: m.covariance_row(4)):
+            with pytest.raises(ValueError, match=rf"{name}: cov_diag {what}"):
+                call()
+    # a per-pixel diagonal with one bad entry names its batch item
+    d = torch.full((2, 10), 0.1)
+    d[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"cov_diag {what} .*batch items \[1\]"):
+        LowRankNormal(loc, P, d).sample()
+
+
+def test_dtype_sample_shape_and_row_range_errors():
+    loc, P, d, x = make_case((2,), D=10, R=2, seed=27, dtype=torch.float32)
+    for m in (LowRankNormal(loc, P, d), DiagonalNormal(loc, d)):
+        name = type(m).__name__
+        with pytest.raises(TypeError, match=rf"{name}.log_prob: value has dtype torch.float64 but the "
+                                            rf"distribution's parameters are torch.float32; convert"):
+            m.log_prob(x.double())
+        with pytest.raises(TypeError, match=rf"{name}.from_noise: diag_noise has dtype torch.float64"):
+            m.from_noise(None, torch.zeros(2, 10, dtype=F64))
+        for shape in ((-1,), (2, -3), (1.5,), 3):
+            with pytest.raises(ValueError, match=rf"{name}.sample: sample_shape must be a tuple of ints >= 0"):
+                m.sample(shape)
+        assert m.sample((0,)).shape == (0, 2, 10)
+        for i in (-1, 10, True, 2.0):
+            with pytest.raises(IndexError, match=rf"{name}.covariance_row: i must be an int in \[0, 10\)"):
+                m.covariance_row(i)
+    with pytest.raises(TypeError, match=r"LowRankNormal.from_noise: factor_noise has dtype torch.float64"):
+        LowRankNormal(loc, P, d).from_noise(torch.zeros(2, 2, dtype=F64), None)
 
 
 def test_covariance_matrix_size_limit():
