@@ -1,0 +1,431 @@
+"""The editor (`sosvae_lib.editor`): exact screen → pixel mapping, stroke rasterisation, and the state machine driven
+through simulated mouse events: a stroke changes the image exactly as `LowRankNormal.condition` predicts, undo
+restores the previous image bitwise, reset returns to μ, the pixel-wise model changes only the painted pixels;
+samples, principal directions, the ε option and the calibrated-ε switch; the headless scripted session."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sosvae_lib import editor as E
+from sosvae_lib.config import TrainConfig
+from sosvae_lib.distributions import DiagonalNormal, LowRankNormal
+from sosvae_lib.model import build_model
+
+SHAPE = (1, 8, 10)  # C, H, W: not square, so rows and columns cannot be swapped unnoticed
+D = math.prod(SHAPE)
+
+
+def lowrank(rank: int = 3, seed: int = 0, diag: float | torch.Tensor = 1e-3, shape=SHAPE) -> LowRankNormal:
+    g = torch.Generator().manual_seed(seed)
+    d = math.prod(shape)
+    loc = 0.5 + 0.1 * torch.randn(1, d, generator=g)
+    factor = 0.2 * torch.randn(1, d, rank, generator=g)
+    return LowRankNormal(loc, factor, torch.as_tensor(diag, dtype=torch.float32))
+
+
+def diagonal(seed: int = 0) -> DiagonalNormal:
+    g = torch.Generator().manual_seed(seed)
+    return DiagonalNormal(0.5 + 0.1 * torch.randn(1, D, generator=g), 0.01 + torch.rand(1, D, generator=g))
+
+
+def expected_mask(cells, shape=SHAPE) -> torch.Tensor:
+    """bool [1, D]: every channel of the listed (row, col) pixels, built by hand."""
+    c, h, w = shape
+    grid = torch.zeros(c, h, w, dtype=torch.bool)
+    for r, col in cells:
+        grid[:, r, col] = True
+    return grid.reshape(1, -1)
+
+
+def mouse(ui_or_editor, points, size, value=0.0, width=1):
+    """A simulated drag and release: through the widget's message handler when the widget is given (what the
+    browser sends), else through `Editor.screen_stroke` (what that handler calls)."""
+    if isinstance(ui_or_editor, E.EditorUI):
+        ui_or_editor.width_slider.value = width
+        ui_or_editor.value_picker.value = value
+        ui_or_editor._on_canvas_msg(ui_or_editor.canvas, {"type": "stroke", "points": points, "size": list(size)})
+        return ui_or_editor.editor.image
+    return ui_or_editor.screen_stroke(points, size, value, width)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# geometry
+# -------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(80.0, 64.0), (300.0, 150.0), (10.0, 8.0)])  # scales 8, 30 × 18.75, 1
+def test_screen_to_pixel_is_exact_at_every_pixel_edge(size):
+    h, w = SHAPE[1:]
+    cw, ch = size
+    for j in range(w):
+        left, right = j * cw / w, (j + 1) * cw / w
+        assert math.floor(E.screen_to_pixel(left, 0.0, size, (h, w))[1]) == j
+        assert math.floor(E.screen_to_pixel(math.nextafter(right, 0), 0.0, size, (h, w))[1]) == j
+    for i in range(h):
+        top, bottom = i * ch / h, (i + 1) * ch / h
+        assert math.floor(E.screen_to_pixel(0.0, top, size, (h, w))[0]) == i
+        assert math.floor(E.screen_to_pixel(0.0, math.nextafter(bottom, 0), size, (h, w))[0]) == i
+
+
+def test_screen_to_pixel_rejects_points_outside_and_bad_sizes():
+    with pytest.raises(ValueError, match=r"^x: screen point outside"):
+        E.screen_to_pixel(80.0, 1.0, (80, 64), (8, 10))
+    with pytest.raises(ValueError, match=r"^y: screen point outside"):
+        E.screen_to_pixel(1.0, -0.5, (80, 64), (8, 10))
+    with pytest.raises(ValueError, match=r"^size:"):
+        E.screen_to_pixel(1.0, 1.0, (0, 64), (8, 10))
+    with pytest.raises(ValueError, match=r"^size:"):
+        E.screen_to_pixel(1.0, 1.0, 80, (8, 10))
+
+
+def test_stroke_pixels_paths_brushes_and_clipping():
+    hw = SHAPE[1:]
+    one = E.stroke_pixels([(2.7, 3.2)], hw, 1)
+    assert one.sum() == 1 and one[2, 3]
+    square = E.stroke_pixels([(4, 4)], hw, 3)
+    assert square.sum() == 9 and square[3:6, 3:6].all()
+    even = E.stroke_pixels([(4, 4)], hw, 2)  # offsets 0, +1 (components.stroke_mask's convention)
+    assert even.sum() == 4 and even[4:6, 4:6].all()
+    line = E.stroke_pixels([(1, 0), (1, 9)], hw, 1)
+    assert line.sum() == 10 and line[1].all()
+    diag = E.stroke_pixels([(0, 0), (7, 7)], hw, 1)
+    assert diag.sum() == 8 and all(diag[k, k] for k in range(8))  # 8-connected, one pixel per step
+    corner = E.stroke_pixels([(0, 0)], hw, 3)  # clipped, not clamped onto the border
+    assert corner.sum() == 4 and corner[:2, :2].all()
+
+
+@pytest.mark.parametrize("points, width, match", [
+    ([(8.0, 0.0)], 1, r"^points: \(row, col\) must lie inside the 8×10 image"),
+    ([(0.0, -0.1)], 1, r"^points: .*at index 0"),
+    ([(1, 1), (2, 10)], 1, r"^points: .*at index 1"),
+    ([], 1, r"^points:"),
+    ([(1, 1)], 0, r"^width: must be an integer >= 1"),
+    ([(1, 1)], 1.5, r"^width:"),
+    ([(float("nan"), 1)], 1, r"^points: must be finite"),
+])
+def test_stroke_errors_name_the_parameter(points, width, match):
+    with pytest.raises(ValueError, match=match):
+        E.stroke_pixels(points, SHAPE[1:], width)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the state machine, through simulated mouse events
+# -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["editor", "widget"])
+def driver(request):
+    """Build an editor over a distribution and return (editor, what the mouse events go to)."""
+    def make(dist, shape=SHAPE, **kw):
+        ed = E.Editor(dist, image_shape=shape, **kw)
+        if request.param == "widget":
+            pytest.importorskip("anywidget")
+            return ed, ed.widget(n_samples=2)
+        return ed, ed
+    return make
+
+
+def test_a_stroke_changes_the_image_exactly_as_condition_predicts(driver):
+    dist = lowrank()
+    ed, target = driver(dist)
+    mu = ed.image
+    assert torch.equal(mu.reshape(1, -1), dist.loc)
+    # canvas shown at 80×64 CSS px (8 px per pixel): a drag along row 2 from column 1 to column 4, released
+    img = mouse(target, [[8.5, 16.0], [20.0, 23.9], [39.9, 17.0]], (80, 64), value=0.1, width=1)
+    mask = expected_mask([(2, 1), (2, 2), (2, 3), (2, 4)])
+    assert torch.equal(ed.mask.reshape(1, -1), mask)
+    values = torch.where(mask, torch.tensor(0.1), torch.tensor(0.0))
+    predicted = dist.condition(mask, values).mean
+    assert torch.equal(img.reshape(1, -1), predicted)  # bitwise: the editor calls condition, nothing else
+    assert torch.all(img.reshape(1, -1)[mask] == 0.1)
+    assert (img - mu).abs().reshape(1, -1)[~mask].max() > 1e-3  # the edit propagated
+
+
+def test_undo_restores_bitwise_and_reset_returns_to_mu(driver):
+    ed, target = driver(lowrank(seed=1))
+    mu = ed.image
+    first = mouse(target, [[5.0, 5.0], [70.0, 5.0]], (80, 64), value=0.0, width=1).clone()
+    second = mouse(target, [[40.0, 60.0]], (80, 64), value=1.0, width=3).clone()
+    assert ed.strokes == 2 and not torch.equal(first, second)
+    if isinstance(target, E.EditorUI):
+        target.undo_button.click()
+    else:
+        ed.undo()
+    assert ed.strokes == 1 and torch.equal(ed.image, first)
+    if isinstance(target, E.EditorUI):
+        assert target.canvas.rgba == E.to_rgba(first.unsqueeze(0))  # what is displayed follows
+        target.reset_button.click()
+    else:
+        ed.reset()
+    assert ed.strokes == 0 and torch.equal(ed.image, mu) and not ed.mask.any()
+    ed.undo()  # nothing left to undo: a no-op
+    assert torch.equal(ed.image, mu)
+
+
+def test_the_diagonal_model_changes_only_the_painted_pixels(driver):
+    ed, target = driver(diagonal())
+    mu = ed.image
+    img = mouse(target, [[12.0, 9.0], [12.0, 50.0]], (80, 64), value=0.25, width=2)
+    changed = img != mu
+    assert changed.any()
+    assert not (changed & ~ed.mask).any()
+    assert torch.all(img[ed.mask] == 0.25)
+
+
+def test_points_outside_the_canvas_are_dropped_and_a_stroke_outside_paints_nothing(driver):
+    ed, target = driver(lowrank())
+    mu = ed.image
+    mouse(target, [[-1.0, 3.0], [80.0, 3.0]], (80, 64))
+    assert ed.strokes == 0 and torch.equal(ed.image, mu)
+    mouse(target, [[79.99, 63.99], [85.0, 70.0]], (80, 64))
+    assert ed.strokes == 1 and torch.equal(ed.mask.reshape(1, -1), expected_mask([(7, 9)]))
+
+
+def test_a_pixel_painted_twice_keeps_its_latest_value():
+    dist = lowrank()
+    ed = E.Editor(dist, image_shape=SHAPE)
+    ed.paint([(3, 3), (3, 6)], 0.0, 1)
+    img = ed.paint([(1, 5), (5, 5)], 1.0, 1)
+    mask = expected_mask([(3, 3), (3, 4), (3, 6)] + [(r, 5) for r in range(1, 6)])
+    values = torch.zeros(1, D)
+    values[expected_mask([(r, 5) for r in range(1, 6)])] = 1.0
+    assert torch.equal(ed.mask.reshape(1, -1), mask)
+    assert torch.equal(img.reshape(1, -1), dist.condition(mask, values).mean)
+
+
+def test_colour_strokes_set_each_channel():
+    shape = (3, 6, 6)
+    dist = lowrank(rank=4, shape=shape)
+    ed = E.Editor(dist, image_shape=shape)
+    img = ed.paint([(2, 2)], (1.0, 0.5, 0.0), 1)
+    assert img[:, 2, 2].tolist() == [1.0, 0.5, 0.0]
+    grey = ed.paint([(4, 4)], 0.25, 1)
+    assert grey[:, 4, 4].tolist() == [0.25] * 3
+
+
+@pytest.mark.parametrize("value, match", [(1.5, r"^value: must be a grey level in \[0, 1\]"), (-0.1, r"^value:"),
+                                           ((0.1, 0.2), r"^value:"), ("black", r"^value:"),
+                                           (float("nan"), r"^value:")])
+def test_bad_values_name_the_parameter(value, match):
+    ed = E.Editor(lowrank(), image_shape=SHAPE)
+    with pytest.raises(ValueError, match=match):
+        ed.paint([(1, 1)], value, 1)
+    assert ed.strokes == 0
+
+
+def test_constructor_errors_name_the_parameter():
+    with pytest.raises(ValueError, match=r"^image_shape: required"):
+        E.Editor(lowrank())
+    with pytest.raises(ValueError, match=r"^source: the distribution must have event shape"):
+        E.Editor(lowrank(), image_shape=(1, 4, 4))
+    with pytest.raises(TypeError, match=r"^source:"):
+        E.Editor(42)
+    with pytest.raises(ValueError, match=r"^image: must be None when source is a distribution"):
+        E.Editor(lowrank(), image=0, image_shape=SHAPE)
+    with pytest.raises(ValueError, match=r"^seed:"):
+        E.Editor(lowrank(), image_shape=SHAPE, seed=-1)
+    with pytest.raises(ValueError, match=r"^eps: must be a finite number > 0 or None"):
+        E.Editor(lowrank(), image_shape=SHAPE, eps=0.0)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# samples, principal directions, ε
+# -------------------------------------------------------------------------------------------------------------
+
+def test_samples_keep_the_strokes_and_the_same_seed_gives_the_same_bits():
+    ed = E.Editor(lowrank(), image_shape=SHAPE, seed=3)
+    ed.paint([(0, 0), (0, 9)], 0.0, 2)
+    a, b, c = ed.samples(5), ed.samples(5), ed.samples(5, seed=4)
+    assert a.shape == (5,) + SHAPE and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.all(a[:, ed.mask] == 0.0)
+    assert a[:, ~ed.mask].std(0).mean() > 1e-3
+    with pytest.raises(ValueError, match=r"^n:"):
+        ed.samples(0)
+
+
+def test_principal_directions_sweep_around_the_current_image_and_keep_the_strokes():
+    dist = lowrank(rank=3)
+    ed = E.Editor(dist, image_shape=SHAPE)
+    w = ed.directions()
+    gram = (dist.cov_factor[0].double().T @ dist.cov_factor[0].double())
+    assert torch.allclose(w, torch.linalg.eigvalsh(gram).flip(0), rtol=1e-9, atol=1e-12)
+    assert torch.equal(ed.explore([0.0, 0.0]), ed.image)
+    moved = ed.explore([2.0])  # μ + 2 √w₁ u₁: its distance from μ is 2 √w₁
+    assert float((moved - ed.image).double().norm()) == pytest.approx(2 * float(w[0]) ** 0.5, rel=1e-5)
+    ed.paint([(4, 2), (4, 7)], 0.0, 1)
+    swept = ed.explore([1.5, -1.0, 0.5])
+    assert torch.allclose(swept[ed.mask], torch.zeros(int(ed.mask.sum())), atol=1e-6)  # painted pixels stay
+    assert (swept - ed.image).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"^t: must be at most R = 3"):
+        ed.explore([0.0] * 4)
+    assert E.Editor(diagonal(), image_shape=SHAPE).directions().numel() == 0
+
+
+def test_eps_replaces_a_fixed_diagonal_and_scales_a_learned_one():
+    dist = lowrank(diag=1e-5)
+    ed = E.Editor(dist, image_shape=SHAPE, eps=0.02)
+    assert torch.all(ed.distribution.cov_diag == 0.02)
+    img = ed.paint([(2, 2), (2, 8)], 0.0, 1)
+    mask = ed.mask.reshape(1, -1)
+    ref = LowRankNormal(dist.loc, dist.cov_factor, torch.tensor(0.02)).condition(mask, torch.zeros(1, D)).mean
+    assert torch.equal(img.reshape(1, -1), ref)
+    # back to the trained ε, strokes kept: the image is the one the trained distribution predicts
+    trained = ed.set_eps(None)
+    assert torch.equal(trained.reshape(1, -1), dist.condition(mask, torch.zeros(1, D)).mean)
+    assert not torch.equal(trained, img)
+    # a larger ε regularises the fit: the propagated change shrinks
+    change = lambda e: float((E.Editor(dist, image_shape=SHAPE, eps=e).paint([(2, 2), (2, 8)], 0.0, 1)
+                              - dist.loc.reshape(SHAPE)).abs()[~ed.mask].max())
+    assert change(1.0) < change(1e-3)
+    learned = lowrank(diag=0.01 + torch.rand(1, D, generator=torch.Generator().manual_seed(5)))
+    ed2 = E.Editor(learned, image_shape=SHAPE, eps=3.0)
+    assert torch.allclose(ed2.distribution.cov_diag, 3.0 * learned.cov_diag)
+    assert torch.allclose(E.Editor(diagonal(), image_shape=SHAPE, eps=2.0).distribution.cov_diag,
+                          2.0 * diagonal().cov_diag)
+
+
+def test_set_eps_keeps_undo_consistent():
+    dist = lowrank()
+    ed = E.Editor(dist, image_shape=SHAPE)
+    ed.paint([(1, 1)], 0.0, 1)
+    ed.paint([(6, 8)], 1.0, 1)
+    ed.set_eps(0.5)
+    undone = ed.undo()
+    ref = LowRankNormal(dist.loc, dist.cov_factor, torch.tensor(0.5)).condition(
+        expected_mask([(1, 1)]), torch.zeros(1, D)).mean
+    assert torch.equal(undone.reshape(1, -1), ref)
+
+
+def test_calibrated_eps_is_read_from_the_run_and_drives_the_switch(tmp_path):
+    assert E.calibrated_eps(tmp_path) is None
+    (tmp_path / "eval_test.json").write_text(json.dumps({"test_nll_bpd": 6.5}))
+    assert E.calibrated_eps(tmp_path) is None
+    (tmp_path / "eval_test.json").write_text(json.dumps({"eps_calibrated": 0.004}))
+    assert E.calibrated_eps(tmp_path) == 0.004
+    (tmp_path / "eval_val.json").write_text(json.dumps({"eps_calibrated": -1}))  # invalid: ignored
+    assert E.calibrated_eps(tmp_path) == 0.004
+
+    pytest.importorskip("anywidget")
+    dist = lowrank(diag=1e-5)
+    hidden = E.Editor(dist, image_shape=SHAPE).widget()
+    assert hidden.eps_switch.layout.display == "none" and hidden.eps_switch.disabled
+    ui = E.Editor(dist, image_shape=SHAPE, calibrated=0.004).widget()
+    assert ui.eps_switch.layout.display != "none" and not ui.eps_switch.disabled
+    mouse(ui, [[30.0, 30.0]], (80, 64))
+    ui.eps_switch.value = "calibrated"
+    assert ui.editor.eps == 0.004 and torch.all(ui.editor.distribution.cov_diag[ui.editor.mask.reshape(1, -1) == 0]
+                                                == 0.004)
+    assert ui.canvas.rgba == E.to_rgba(ui.editor.image.unsqueeze(0))
+    ui.eps_switch.value = "trained"
+    assert ui.editor.eps is None
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the widget's other controls, models, run directories, the scripted session
+# -------------------------------------------------------------------------------------------------------------
+
+def test_to_rgba_layout():
+    img = torch.tensor([[[[0.0, 1.0]], [[0.5, 2.0]], [[-1.0, 0.2]]]])  # [1, 3, 1, 2]
+    assert E.to_rgba(img) == bytes([0, 128, 0, 255, 255, 255, 51, 255])
+    assert E.to_rgba(torch.tensor([[[[0.2]]]])) == bytes([51, 51, 51, 255])
+    with pytest.raises(ValueError, match=r"^images:"):
+        E.to_rgba(torch.zeros(2, 2, 4, 4))
+
+
+def test_widget_buttons_sliders_and_display():
+    pytest.importorskip("anywidget")
+    ed = E.Editor(lowrank(rank=3), image_shape=SHAPE, seed=2)
+    ui = ed.widget(n_samples=3, scale=8)
+    assert (ui.canvas.height, ui.canvas.width, ui.canvas.scale, ui.canvas.editable) == (8, 10, 8, True)
+    assert ui.canvas.rgba == E.to_rgba(ed.image.unsqueeze(0))
+    assert ui.sample_canvas.count == 3 and ui.sample_canvas.rgba == E.to_rgba(ed.samples(3, 2))
+    ui.sample_button.click()
+    assert ui.sample_canvas.rgba == E.to_rgba(ed.samples(3, 3))
+    ui.width_slider.value = 3
+    ui.value_picker.value = 0.5
+    assert ui.canvas.brush_width == 3 and ui.canvas.brush == "rgb(128, 128, 128)"
+    assert len(ui.sliders) == 3
+    ui.tabs.selected_index = 1
+    ui.sliders[0].value = 1.0
+    assert ui.explore_canvas.rgba == E.to_rgba(ed.explore([1.0, 0.0, 0.0]).unsqueeze(0))
+    ui.zero_button.click()
+    assert ui.explore_canvas.rgba == E.to_rgba(ed.image.unsqueeze(0))
+    assert "application/vnd.jupyter.widget-view+json" in ui._repr_mimebundle_()
+    assert math.isfinite(ui.last_update_ms) and "0 strokes" in ui.status.value
+    rgb = E.Editor(lowrank(shape=(3, 4, 4)), image_shape=(3, 4, 4)).widget()
+    rgb.value_picker.value = "#ff8000"
+    assert rgb._brush_value() == (1.0, 128 / 255, 0.0)
+
+
+def _model(head: str):
+    torch.manual_seed(0)
+    model = build_model(TrainConfig.preset("smoke", dataset="orl", head=head, device="cpu"), (1, 16, 16)).eval()
+    if head != "diagonal":  # an untrained P is ~1e-5: give it a size so that edits propagate visibly
+        with torch.no_grad():
+            model.head.factor_conv.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def test_editor_over_a_model_prior_draw_and_reconstruction():
+    model = _model("lowrank")
+    a, b = E.Editor(model, seed=4), E.Editor(model, seed=4)
+    assert torch.equal(a.image, b.image) and a.rank == 2 and a.image_shape == (1, 16, 16)
+    assert not torch.equal(a.image, E.Editor(model, seed=5).image)
+    x = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    rec = E.Editor(model, image=x)
+    with torch.no_grad():
+        expected = model.decode(model.encode(x.unsqueeze(0)).mean).loc.reshape(1, 16, 16)
+    assert torch.equal(rec.image, expected)
+    with pytest.raises(ValueError, match=r"^image: an index into the test split needs a run directory"):
+        E.Editor(model, image=0)
+    with pytest.raises(ValueError, match=r"^image: must be None, a test-image index or a tensor"):
+        E.Editor(model, image=torch.zeros(3, 3))
+    # the lowrank head's ε is fixed: eps replaces it; lowrank-diag's is learned: eps multiplies it
+    assert torch.all(E.Editor(model, eps=0.1).distribution.cov_diag == 0.1)
+    ld = _model("lowrank-diag")
+    assert torch.allclose(E.Editor(ld, eps=2.0).distribution.cov_diag, 2 * E.Editor(ld).distribution.cov_diag)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from sosvae_lib.train import train
+    out = tmp_path_factory.mktemp("run") / "orl-lowrank-r2"
+    train(TrainConfig.preset("smoke", dataset="orl", device="cpu"), out, progress=False)
+    return out
+
+
+def test_editor_over_a_run_directory_edits_a_test_image(smoke_run):
+    from sosvae_lib.checkpoint import load_run
+    from sosvae_lib.components import reconstruction
+    from sosvae_lib.reproduce import test_image
+
+    ed = E.Editor(smoke_run, image=1)
+    model, config = load_run(smoke_run)
+    assert torch.equal(ed.image.reshape(1, -1), reconstruction(model, test_image(config, 1)).loc)
+    assert ed.calibrated is None
+    (smoke_run / "eval_test.json").write_text(json.dumps({"eps_calibrated": 0.003}))
+    assert E.Editor(smoke_run, image=1).calibrated == 0.003
+    (smoke_run / "eval_test.json").unlink()
+
+
+@pytest.mark.parametrize("head", ["lowrank", "diagonal"])
+def test_scripted_session_records_the_checks_and_draws_the_figure(head, tmp_path):
+    from sosvae_lib.plots import save_figure
+
+    model = _model(head)
+    ed = E.Editor(model, seed=0)
+    s = E.scripted_session(ed, value=0.0, width=1, n_samples=3, seed=0)
+    n = s.summary()
+    assert n["undo_error"] == n["replay_error"] == n["reset_error"] == n["condition_error"] == 0
+    assert n["sample_stroke_error"] == 0 and n["stroke_pixels"] > 0
+    assert s.edit.after.shape == (2, 256) and s.samples.shape == (3, 256)
+    assert ed.strokes == 2 and torch.equal(ed.image.reshape(-1), s.edit.after[-1])
+    if head == "diagonal":
+        assert n["propagated_rms"] == 0 and n["propagated_fraction"] == 0
+    else:
+        assert n["propagated_rms"] > 0 and n["propagated_fraction"] > 0.5
+    paths = save_figure(E.session_figure({head: s}), tmp_path / "editor")
+    assert all(p.stat().st_size > 1000 for p in paths)
