@@ -43,8 +43,11 @@ __all__ = ["Editor", "EditorSession", "screen_to_pixel", "stroke_pixels", "fract
            "calibrated_eps", "with_eps", "to_rgba", "scripted_session", "session_figure", "EditorUI"]
 
 Shape = tuple[int, int, int]
+CALIBRATION_FILE = "calibration.json"
+"""A run's calibration (`sosvae_lib.calibration`): ``eps``, the calibrated scalar ε of a ``lowrank`` model, and
+``scale``, the multiplier of the trained diagonal."""
 EVAL_FILES = ("eval_val.json", "eval_test.json")
-"""Files of a run directory searched (in this order) for a calibrated ε under the key ``eps_calibrated``."""
+"""Evaluation files of a run also searched (in this order) for a calibrated ε under the key ``eps_calibrated``."""
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -151,18 +154,19 @@ def default_width(hw: tuple[int, int]) -> int:
 # ε: the trained diagonal or a calibrated one
 # -------------------------------------------------------------------------------------------------------------
 
-def calibrated_eps(run_dir: str | os.PathLike) -> float | None:
-    """The calibrated ε recorded for a run: the value of ``eps_calibrated`` in the first of ``EVAL_FILES`` in
-    ``run_dir`` that has it (a finite number > 0), else None (no calibration: the editor's switch is hidden).
-    Its meaning is that of `with_eps`: the new scalar diagonal of a ``lowrank`` model, the multiplier of a
-    learned diagonal otherwise."""
-    for name in EVAL_FILES:
+def calibrated_eps(run_dir: str | os.PathLike, fixed: bool = True) -> float | None:
+    """The calibrated ε of a run, in the meaning of `with_eps` (the new scalar diagonal when the trained one is a
+    fixed ε, ``fixed``; else the multiplier of the learned diagonal), or None when the run has none (the editor's
+    switch is then hidden). Looked up in ``run_dir/calibration.json`` (``eps`` if ``fixed``, else ``scale``), then
+    under ``eps_calibrated`` in the `EVAL_FILES`; the first finite number > 0 wins."""
+    candidates = [(CALIBRATION_FILE, "eps" if fixed else "scale")] + [(name, "eps_calibrated") for name in EVAL_FILES]
+    for name, key in candidates:
         path = Path(run_dir) / name
         if not path.is_file():
             continue
         try:
-            value = json.loads(path.read_text()).get("eps_calibrated")
-        except (json.JSONDecodeError, AttributeError):
+            value = json.loads(path.read_text()).get(key)
+        except (json.JSONDecodeError, AttributeError, OSError):
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
             return float(value)
@@ -231,8 +235,8 @@ class Editor:
         seed: seeds the prior draw and, by default, `samples`.
         eps: None keeps the trained diagonal; a number replaces it (`with_eps`: the scalar ε of a ``lowrank``
             model, a multiplier of a learned diagonal).
-        calibrated: the calibrated ε offered by the widget's switch; None reads it from the run directory
-            (`calibrated_eps`); for a model or distribution without one the switch is hidden.
+        calibrated: the calibrated ε offered by the widget's switch (same meaning as ``eps``); None reads it from
+            the run directory (`calibrated_eps`); without one the switch is hidden.
         image_shape: (C, H, W); required for a distribution, read from the model otherwise.
         device: where a run directory is loaded (default cpu).
 
@@ -248,8 +252,6 @@ class Editor:
             from .checkpoint import load_run
             self.run_dir = Path(source)
             self.model, self.config = load_run(self.run_dir, device)
-            if calibrated is None:
-                calibrated = calibrated_eps(self.run_dir)
         elif isinstance(source, (LowRankNormal, DiagonalNormal)):
             if image is not None:
                 raise ValueError("image: must be None when source is a distribution (it is what is edited)")
@@ -266,7 +268,6 @@ class Editor:
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"image_shape: must be (C, H, W) of positive ints, got {image_shape!r}")
         self.image_shape: Shape = shape  # type: ignore[assignment]
-        self.calibrated = _check_eps(calibrated)
         with torch.no_grad():
             dist = source if self.model is None else self._decode(image)
         D = math.prod(shape)
@@ -275,6 +276,9 @@ class Editor:
                              f"shape [] or [1], got {tuple(dist.batch_shape)} + {tuple(dist.event_shape)}")
         self._trained = dist if tuple(dist.batch_shape) == (1,) else dist.expand((1,))
         self._fixed = _fixed_diag(self._trained, self.model)
+        if calibrated is None and self.run_dir is not None:
+            calibrated = calibrated_eps(self.run_dir, self._fixed)
+        self.calibrated = _check_eps(calibrated)
         self._eps: float | None = None
         self._base = self._trained
         empty = _State(torch.zeros(D, dtype=torch.bool, device=self._trained.loc.device),
@@ -311,6 +315,12 @@ class Editor:
     def rank(self) -> int:
         """R, the number of columns of P (0 for the pixel-wise model)."""
         return int(self._trained.cov_factor.shape[-1])
+
+    @property
+    def fixed_diagonal(self) -> bool:
+        """Whether the trained diagonal is the fixed scalar ε (``lowrank``; `eps` replaces it) or learned (`eps`
+        multiplies it)."""
+        return self._fixed
 
     @property
     def eps(self) -> float | None:
@@ -769,9 +779,13 @@ class EditorUI:
         self.reset_button.on_click(lambda _: self._update(self.editor.reset))
         self.sample_button.on_click(lambda _: self.sample())
         cal = editor.calibrated
+        options = [("trained ε", "trained")]
+        if cal is not None:
+            options.append((f"calibrated ε = {cal:.3g}" if editor.fixed_diagonal else f"calibrated: d × {cal:.3g}",
+                            "calibrated"))
         self.eps_switch = W.ToggleButtons(
-            options=[("trained ε", "trained")] + ([(f"calibrated ε = {cal:.3g}", "calibrated")] if cal else []),
-            value="trained" if editor.eps is None or cal is None else "calibrated", description="ε")
+            options=options,
+            value="calibrated" if cal is not None and editor.eps == cal else "trained", description="ε")
         self.eps_switch.layout.display = None if cal is not None else "none"
         self.eps_switch.disabled = cal is None
         self.eps_switch.observe(self._on_eps, names="value")

@@ -307,6 +307,9 @@ def test_calibrated_eps_is_read_from_the_run_and_drives_the_switch(tmp_path):
     assert E.calibrated_eps(tmp_path) == 0.004
     (tmp_path / "eval_val.json").write_text(json.dumps({"eps_calibrated": -1}))  # invalid: ignored
     assert E.calibrated_eps(tmp_path) == 0.004
+    # sosvae_lib.calibration's file: the calibrated ε of a fixed diagonal, the multiplier of a learned one
+    (tmp_path / "calibration.json").write_text(json.dumps({"eps": 0.002, "scale": 200.0}))
+    assert E.calibrated_eps(tmp_path, fixed=True) == 0.002 and E.calibrated_eps(tmp_path, fixed=False) == 200.0
 
     pytest.importorskip("anywidget")
     dist = lowrank(diag=1e-5)
