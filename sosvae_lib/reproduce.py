@@ -6,7 +6,8 @@ Uncertainty in the Observation Space of Variational Autoencoders", TMLR 2022).
 
 For the chosen scale (`plan`) it trains each variant by executing ``notebooks/01_train.ipynb`` with papermill (a
 finished run is reused unless ``--force``; an interrupted one is resumed), evaluates it (`sosvae_lib.evaluate`),
-executes ``02_samples``, ``03_editing`` and ``04_components`` for every dataset and ``05_metrics`` once, and writes
+executes ``02_samples``, ``03_editing``, ``04_components`` and ``06_editor`` (the editor widget; headless, its two
+scripted strokes) for every dataset and ``05_metrics`` once, and writes
 
     <out>/<scale>/figures/*.png, *.pdf  (and the numbers each notebook recorded, *.json)
     <out>/<scale>/tables/metrics.csv, metrics.md, metrics.json
@@ -37,7 +38,7 @@ from .tables import COLUMNS, format_cell, headline
 
 SCALES = ("smoke", "cpu", "paper")
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ("01_train", "02_samples", "03_editing", "04_components", "05_metrics")
+NOTEBOOKS = ("01_train", "02_samples", "03_editing", "04_components", "05_metrics", "06_editor")
 # Fields of a run's configuration that may differ from the plan without making the run stale.
 _IGNORED_FIELDS = ("root", "device", "num_workers", "epochs")
 
@@ -278,6 +279,10 @@ CAPTIONS = {
                "the conditional mean minus μ outside the strokes. Bottom row: the true image with its most "
                "uncertain square revealed, μ, E[x | patch], and completions sampled from p(x | patch). For the "
                "diagonal model nothing propagates.",
+    "editor": "The editor widget's API applied by script (notebooks/06_editor.ipynb): two dark strokes painted "
+              "one after the other (outlined), each image the conditional mean given every painted pixel; the "
+              "change columns show the cumulative change outside the strokes; then samples from p(x | strokes). "
+              "For the diagonal model nothing propagates.",
     "columns": "Each column of P (by decreasing norm) swept from −3 to +3 around μ(z = 0); the last column is the "
                "column itself.",
     "principal": "Each principal direction of P Pᵀ (from the R×R eigenproblem), swept from −3 to +3 standard "
@@ -293,7 +298,8 @@ CAPTIONS = {
 
 
 def _caption(stem: str) -> str:
-    for key in ("metrics_vs_rank", "interpolation", "principal", "columns", "editing", "samples", "training"):
+    for key in ("metrics_vs_rank", "interpolation", "principal", "columns", "editing", "editor", "samples",
+                "training"):
         if stem.endswith(key):
             return CAPTIONS[key]
     return ""
@@ -447,7 +453,8 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
                       train_missing=False, dataset=ds, figures_dir=str(figures_dir))
         for nb, extra in (("02_samples", dict(figure_name=f"{ds}_samples")),
                           ("03_editing", dict(figure_name=f"{ds}_editing")),
-                          ("04_components", dict(figure_prefix=ds))):
+                          ("04_components", dict(figure_prefix=ds)),
+                          ("06_editor", dict(figure_name=f"{ds}_editor"))):
             t0 = time.perf_counter()
             try:
                 execute_notebook(nb, nb_dir / f"{nb}-{ds}.ipynb", {**common, **extra}, scale_dir, timeout)

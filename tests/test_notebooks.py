@@ -39,7 +39,7 @@ def test_smoke_reproduction_writes_every_expected_file(smoke):
     assert smoke["rc"] == 0
     d = smoke["dir"]
     stems = [f"{v}_training" for v in VARIANTS] + ["orl_samples", "orl_editing", "orl_columns", "orl_principal",
-                                                   "orl_interpolation", "metrics_vs_rank"]
+                                                   "orl_interpolation", "orl_editor", "metrics_vs_rank"]
     for stem in stems:
         for ext in ("png", "pdf"):
             assert (d / "figures" / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
@@ -48,7 +48,7 @@ def test_smoke_reproduction_writes_every_expected_file(smoke):
     executed = sorted(p.name for p in (d / "notebooks").glob("*.ipynb"))
     assert executed == sorted([f"01_train-{v}.ipynb" for v in VARIANTS]
                               + ["02_samples-orl.ipynb", "03_editing-orl.ipynb", "04_components-orl.ipynb",
-                                 "05_metrics.ipynb"])
+                                 "05_metrics.ipynb", "06_editor-orl.ipynb"])
     readme = (d / "README.md").read_text()
     for stem in stems:
         assert f"](figures/{stem}.png)" in readme
@@ -121,6 +121,25 @@ def test_04_components_records_the_spectrum_and_interpolations(smoke):
         it = n["interpolation"][name]
         assert _finite(*it.values()) and it["endpoint_error"] < 1e-5
         assert 0 < it["lerp_norm_ratio"] <= it["slerp_norm_ratio"] + 1e-6 and it["slerp_norm_ratio"] <= 1.5
+
+
+def test_06_editor_applies_the_scripted_strokes_through_the_editor_api(smoke):
+    n = _numbers(smoke, "orl_editor")
+    assert set(n) == {"lowrank", "diagonal"}
+    for name in ("lowrank", "diagonal"):
+        s = n[name]
+        assert _finite(*s.values()) and s["stroke_pixels"] > 0 and s["sample_spread"] >= 0
+        # the state machine is exact: undo and replay bitwise, reset to μ, the image is condition()'s mean,
+        # samples keep the painted values
+        assert s["undo_error"] == s["replay_error"] == s["reset_error"] == s["condition_error"] == 0
+        assert s["sample_stroke_error"] == 0
+    assert n["diagonal"]["propagated_rms"] == 0 and n["diagonal"]["propagated_fraction"] == 0
+    assert n["lowrank"]["propagated_rms"] > 0 and n["lowrank"]["propagated_fraction"] > 0.5
+    # the widget was built and displayed (inert without a frontend)
+    nb = json.loads((smoke["dir"] / "notebooks" / "06_editor-orl.ipynb").read_text())
+    mimes = {k for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+             for k in o.get("data", {})}
+    assert "application/vnd.jupyter.widget-view+json" in mimes
 
 
 def test_05_metrics_records_the_table_rows(smoke):
