@@ -7,7 +7,8 @@ the project:
 
 - ``smoke``: seconds on a CPU, for tests (16×16 images, a tiny trunk, one epoch on 32 images).
 - ``cpu``: a faithful reduced scale that trains on 2 CPU cores in a few minutes per run (narrow ResNet with
-  widths 16…64, latent 32, rank 25, the paper's constrained objective with a reachable KL target).
+  widths 16…64, latent 32, rank 25, the paper's constrained objective with a reachable KL target, mean
+  pre-training for the first quarter of the epochs).
 - ``paper``: CelebA at 218×178 RGB, latent 128, rank 25, batch 25, Adam 1e-4, widths 64…512, target KL 45
   (the authors' code defaults, METHOD.md §4–5).
 """
@@ -26,6 +27,10 @@ DEVICES = ("auto", "cpu", "cuda")
 # Channel counts of the datasets whose shape is known without loading them (used to reject rank >= D early;
 # the model re-checks against the real image shape for every dataset).
 _KNOWN_CHANNELS = {"orl": 1, "fashion-mnist": 1, "celeba": 3}
+
+# What a command reports as a usage error (one line, exit code 2): bad values, paths that do not exist or cannot
+# be written, a run directory that is taken, a damaged checkpoint. Anything else is a failure of the run itself.
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
 def _fail(field: str, message: str) -> None:
@@ -152,7 +157,7 @@ class TrainConfig:
         if self.init_var <= self.eps:
             _fail("init_var", f"must be larger than eps={self.eps}, got {self.init_var}")
 
-        check_int("epochs", self.epochs, 0)
+        check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 1)
         _check_float("lr", self.lr, positive=True)
         _check_float("target_kl", self.target_kl, positive=True)
@@ -183,13 +188,23 @@ class TrainConfig:
     # -- presets and (de)serialisation --------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
-        """The named preset (``smoke`` | ``cpu`` | ``paper``) with keyword overrides applied."""
-        if name not in PRESETS:
-            _fail("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
+        """The named preset (``smoke`` | ``cpu`` | ``paper``) with keyword overrides applied.
+
+        A preset that pre-trains the mean states it as a fraction of the epochs (cpu: the first quarter), so
+        ``epochs`` may be changed freely: ``pretrain_epochs = floor(fraction · epochs)`` unless ``pretrain_epochs``
+        is given, which then wins (and must be <= epochs).
+        """
+        fields = preset_fields(name)
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             _fail(unknown[0], f"is not a TrainConfig field (fields: {', '.join(f.name for f in dataclasses.fields(cls))})")
-        return cls(**{**_PRESETS[name], **overrides})
+        fields.update(overrides)
+        fraction = _PRETRAIN_FRACTION.get(name)
+        if fraction is not None and "pretrain_epochs" not in overrides:
+            epochs = fields.get("epochs", cls.epochs)
+            if isinstance(epochs, int) and not isinstance(epochs, bool):  # else the field check below names it
+                fields["pretrain_epochs"] = int(fraction * epochs)
+        return cls(**fields)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed (validated again)."""
@@ -210,18 +225,37 @@ class TrainConfig:
         return cls(**d)
 
 
+def preset_fields(name: str) -> dict[str, Any]:
+    """The fields the preset ``name`` sets explicitly (a copy; fields it does not list keep their defaults, and
+    a pre-training fraction is applied by `TrainConfig.preset`)."""
+    if name not in PRESETS:
+        _fail("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
+    return dict(_PRESETS[name])
+
+
+def check_mapping(name: str, value: Any, example: str) -> dict[str, Any]:
+    """``value`` as a dict if it is a mapping with string keys; otherwise one ValueError naming the parameter.
+    For notebook parameters: ``papermill -p NAME "a=1"`` passes a string, ``-y "NAME: {a: 1}"`` a mapping."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        _fail(name, f"must be a dict of names to values, e.g. {example} (with papermill: -y \"{name}: "
+                    f"{example.replace(chr(34), '')}\"), got the {type(value).__name__} {value!r}")
+    return dict(value)
+
+
 def check_rank(rank: int, dim: int) -> None:
     """Raise unless 1 <= rank < dim (a rank-D factor would make the diagonal pointless and K as large as Σ)."""
     if not 1 <= rank < dim:
         _fail("rank", f"must satisfy 1 <= rank < D = C*H*W = {dim}, got {rank}")
 
 
+# Mean pre-training as a fraction of the epochs, per preset (see TrainConfig.preset). cpu: the first quarter,
+# else a lowrank μ stays grey and P carries the whole image.
+_PRETRAIN_FRACTION: dict[str, float] = {"cpu": 0.25}
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(image_size=16, max_items=32, width=4, levels=2, latent=4, rank=2, epochs=1, batch_size=8,
                   lr=1e-3, target_kl=5.0),
-    # cpu: mean pre-training for the first quarter, else a lowrank μ stays grey and P carries the whole image
-    "cpu": dict(width=16, levels=3, latent=32, rank=25, epochs=40, pretrain_epochs=10, batch_size=25, lr=1e-3,
-                target_kl=30.0),
+    "cpu": dict(width=16, levels=3, latent=32, rank=25, epochs=40, batch_size=25, lr=1e-3, target_kl=30.0),
     "paper": dict(dataset="celeba", image_size=(218, 178), augment=True, width=64, levels=4, latent=128, rank=25,
                   epochs=100, batch_size=25, lr=1e-4, target_kl=45.0),
 }

@@ -5,7 +5,8 @@ covariance.
 
 One entry point, `load_dataset(name, split, ...)`, returns a `torch.utils.data.Dataset` whose items are float
 tensors ``[C, H, W]`` with values in [0, 1]. Real images are decoded once, kept in memory as ``uint8`` (so every
-value is exactly k/255, the convention `metrics` relies on for bits per dimension) and cached per process, keyed
+value is exactly k/255, the convention `metrics` relies on for bits per dimension; 16-bit PNGs, the usual format
+of MRI slices, are kept at full precision as ``int32`` values k/65535) and cached per process, keyed
 by (dataset, folder, size, crop, colour mode, file list), so two loaders on the same data decode each file once.
 Large decoded sets (CelebA, image folders) are also cached on disk (`cache_dir`), so a new process reads the
 10,000-image CelebA subset in well under a second; sets over `PRELOAD_LIMIT_BYTES` are decoded on demand.
@@ -71,7 +72,9 @@ _SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 500}
 _CACHE: dict[tuple, torch.Tensor] = {}
 _CACHE_LIMIT_BYTES = 4 * 2**30
 _DISK_CACHE_MIN_FILES = 256
-_DECODE_VERSION = 1  # part of the disk cache's key: bump it when decoding changes
+_DECODE_VERSION = 2  # part of the disk cache's key: bump it when decoding changes (2: 16-bit images kept)
+# Stored pixel dtype -> (largest value, bits): uint8 images hold k/255, int32 images hold 16-bit k/65535.
+_PIXEL_SCALE = {torch.uint8: (255.0, 8), torch.int32: (65535.0, 16)}
 PRELOAD_LIMIT_BYTES = 3 * 2**30  # larger image sets (full CelebA at 218×178) are decoded on demand
 
 
@@ -85,12 +88,11 @@ class LazyImages:
     files on demand. Every file's header was read when the set was built, so missing or non-image files fail
     then, before training; a file whose body is damaged fails when it is first read."""
 
-    dtype = torch.uint8
-
     def __init__(self, files: Sequence[str], shape: tuple[int, int, int], mode: str, hw: tuple[int, int] | None,
-                 crop: float | str | None, what: str):
+                 crop: float | str | None, what: str, dtype: torch.dtype = torch.uint8):
         self.files, self.mode, self.hw, self.crop, self.what = list(files), mode, hw, crop, what
         self.shape = torch.Size((len(self.files), *shape))
+        self.dtype = dtype  # int32 when any file is 16-bit (8-bit files are then scaled to match)
 
     def _one(self, i: int) -> torch.Tensor:
         try:
@@ -98,7 +100,7 @@ class LazyImages:
         except Exception as err:  # noqa: BLE001 — one message naming the file
             raise ValueError(f"{self.what}: cannot read image file {self.files[i]}, unreadable or corrupt "
                              f"({type(err).__name__}: {err})") from None
-        return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
+        return torch.from_numpy(_common_depth([arr], self.dtype == torch.int32)[0]).permute(2, 0, 1)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -110,7 +112,8 @@ class LazyImages:
 
 
 class ImageDataset(Dataset):
-    """In-memory images ``[N, C, H, W]`` (uint8, or float for synthetic data) served as float ``[C, H, W]`` in [0, 1].
+    """In-memory images ``[N, C, H, W]`` (uint8; int32 holding 16-bit values; or float for synthetic data) served
+    as float ``[C, H, W]`` in [0, 1]; ``bits`` is 8, 16, or None for float data.
 
     ``flip=True`` mirrors each item left-right with probability 1/2 (drawn from torch's global generator, which
     the `DataLoader` seeds per worker). Attributes: ``name``, ``split``, ``images``, ``image_shape`` (C, H, W),
@@ -129,15 +132,15 @@ class ImageDataset(Dataset):
         self.groups, self.labels, self.root = groups, labels, root
         self.return_labels = bool(return_labels)
         self.image_shape = tuple(int(s) for s in images.shape[1:])
-        self._uint8 = images.dtype == torch.uint8
+        self._scale, self.bits = _PIXEL_SCALE.get(images.dtype, (None, None))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def __getitem__(self, index: int):
         x = self.images[index].float()
-        if self._uint8:
-            x = x / 255.0
+        if self._scale is not None:
+            x = x / self._scale
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         if self.return_labels:
@@ -149,11 +152,10 @@ class ImageDataset(Dataset):
         one conversion and one flip mask per batch, ~10× faster than item by item for small images."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx].float()
-        if self._uint8:
-            x = x / 255.0
+        if self._scale is not None:
+            x = x / self._scale
         if self.flip:
-            mirror = torch.rand(len(idx)) < 0.5
-            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+            x = flip_batch(x)
         if self.return_labels:
             return list(zip(x.unbind(0), self.labels[idx].tolist()))
         return list(x.unbind(0))
@@ -166,6 +168,12 @@ class ImageDataset(Dataset):
 
 # --------------------------------------------------------------------------------------------------------------
 # Entry points
+
+
+def flip_batch(x: torch.Tensor) -> torch.Tensor:
+    """Mirror each image of ``x`` ``[B, C, H, W]`` left-right with probability 1/2 (torch's global generator)."""
+    mirror = torch.rand(x.shape[0]) < 0.5
+    return torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None = None,
@@ -374,7 +382,9 @@ def _decode_one(path: str, mode: str, hw: tuple[int, int] | None, crop: float | 
             scale = min(ch / hw[0], cw / hw[1])
             if scale >= 4:
                 im.draft(mode, (math.ceil(2 * w0 / scale), math.ceil(2 * h0 / scale)))
-        im = im.convert(mode)
+        deep = _is_16bit(im)
+        # 16-bit pixels are cropped and resized as 32-bit floats, then stored as integers k of k/65535
+        im = Image.fromarray(np.asarray(im, dtype=np.float32), mode="F") if deep else im.convert(mode)
         w, h = im.size
         if crop is not None:
             ch, cw = _crop_box(h, w, crop)
@@ -382,8 +392,36 @@ def _decode_one(path: str, mode: str, hw: tuple[int, int] | None, crop: float | 
             im = im.crop((left, top, left + cw, top + ch))
         if hw is not None and im.size != (hw[1], hw[0]):
             im = im.resize((hw[1], hw[0]), Image.Resampling.BICUBIC)
-        arr = np.asarray(im, dtype=np.uint8)
+        if deep:
+            arr = np.clip(np.rint(np.asarray(im)), 0, 65535).astype(np.int32)
+            arr = np.repeat(arr[:, :, None], 3 if mode == "RGB" else 1, axis=2)
+        else:
+            arr = np.asarray(im, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _is_16bit(im: Any) -> bool:
+    """Whether a PIL image holds 16-bit grey levels (PNG ``I;16*``, or ``I`` with values in [0, 65535]); 32-bit
+    integer or float pixels are refused (ValueError) rather than clipped."""
+    if im.mode.startswith("I;16"):
+        return True
+    if im.mode in ("I", "F"):
+        lo, hi = im.getextrema()
+        if im.mode == "F" or lo < 0 or hi > 65535:
+            raise ValueError(f"{im.mode}-mode pixels in [{lo}, {hi}] are not 8- or 16-bit grey levels; "
+                             f"convert the image to 8- or 16-bit PNG")
+        return True
+    return False
+
+
+def _common_depth(arrays: list, deep: bool | None = None) -> list:
+    """The decoded arrays at one bit depth: if any is 16-bit (int32) or ``deep``, 8-bit ones become int32 ×257
+    (k/255 = 257k/65535 exactly); otherwise unchanged."""
+    if deep is None:
+        deep = any(a.dtype == np.int32 for a in arrays)
+    if not deep:
+        return arrays
+    return [a.astype(np.int32) * 257 if a.dtype == np.uint8 else a for a in arrays]
 
 
 def _crop_box(h: int, w: int, crop: float | str | None) -> tuple[int, int]:
@@ -426,19 +464,21 @@ def _decode_all(paths: Sequence[str], mode: str, hw: tuple[int, int] | None, cro
         odd = next(p for p, a in zip(paths, arrays) if a.shape != first)
         raise ValueError(f"image_size: {what} images differ in size ({paths[0]} is {first[1]}x{first[0]}, {odd} is "
                          f"not); give image_size to resize them all")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(_common_depth(arrays))).permute(0, 3, 1, 2).contiguous()
 
 
-def _check_headers(paths: Sequence[str], mode: str, what: str) -> tuple[tuple[int, int, int], int]:
-    """Read every file's header (not its pixels): the first image's (C, H, W) at its own size and the number of
-    distinct sizes; one ValueError naming the files that are not images."""
+def _check_headers(paths: Sequence[str], mode: str, what: str) -> tuple[tuple[int, int, int], int, bool]:
+    """Read every file's header (not its pixels): the first image's (C, H, W) at its own size, the number of
+    distinct sizes and whether any file has more than 8 bits per pixel; one ValueError naming the files that are
+    not images."""
     from PIL import Image
 
-    bad, sizes = [], set()
+    bad, sizes, deep = [], set(), False
     for p in paths:
         try:
             with Image.open(p) as im:
                 sizes.add(im.size)
+                deep = deep or im.mode.startswith("I")
         except Exception as err:  # noqa: BLE001
             bad.append(f"{p} ({type(err).__name__}: {err})")
     if bad:
@@ -446,7 +486,7 @@ def _check_headers(paths: Sequence[str], mode: str, what: str) -> tuple[tuple[in
         raise ValueError(f"{what}: cannot read {len(bad)} image file(s), unreadable or corrupt: "
                          f"{'; '.join(bad[:3])}{more}")
     w, h = next(iter(sizes))
-    return (1 if mode == "L" else 3, h, w), len(sizes)
+    return (1 if mode == "L" else 3, h, w), len(sizes), deep
 
 
 def _image_set(key: tuple, files: Sequence[str], mode: str, hw: tuple[int, int] | None,
@@ -459,12 +499,12 @@ def _image_set(key: tuple, files: Sequence[str], mode: str, hw: tuple[int, int] 
     else:
         estimate = None
     if preload is None and estimate is None and files:
-        (c, h, w), _ = _check_headers(files[:1], mode, what)
+        (c, h, w), _, _ = _check_headers(files[:1], mode, what)
         estimate = len(files) * c * h * w
     if preload is True or (preload is None and (estimate or 0) <= PRELOAD_LIMIT_BYTES):
         return _cache_get(key, _disk_cached(key, files, lambda: _decode_all(files, mode, hw, crop, what,
                                                                             num_threads)))
-    shape, count = _check_headers(files, mode, what)
+    shape, count, deep = _check_headers(files, mode, what)
     if hw is None and count > 1:
         raise ValueError(f"image_size: {what} images differ in size; give image_size to resize them all")
     if hw is not None:
@@ -472,7 +512,7 @@ def _image_set(key: tuple, files: Sequence[str], mode: str, hw: tuple[int, int] 
     elif crop is not None:
         side = _crop_box(shape[1], shape[2], crop)
         shape = (channels, *side)
-    return LazyImages(files, shape, mode, hw, crop, what)
+    return LazyImages(files, shape, mode, hw, crop, what, torch.int32 if deep else torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -736,13 +776,8 @@ def _load_folder(split: str, hw: tuple[int, int] | None, root: Path | None, flip
                          f"got {opts['crop']!r}")
     if root is None:
         raise ValueError("root: the folder dataset needs root=<a folder of PNG/JPEG/PGM images>")
-    if not root.is_dir():
-        raise FileNotFoundError(f"folder: {root} is not a directory; pass root=<a folder of PNG/JPEG/PGM images>")
     hw = hw or _DEFAULT_SIZE["folder"]
-    rel = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not rel:
-        raise FileNotFoundError(f"folder: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    rel = _image_files(root)
     # The hash of the relative path decides the split: stable across processes, machines and added files.
     cut = (fractions[0], fractions[0] + fractions[1])
     which = []
@@ -756,6 +791,39 @@ def _load_folder(split: str, hw: tuple[int, int] | None, root: Path | None, flip
     key = ("folder", str(root.resolve()), hw, crop, mode, tuple(files))
     images = _image_set(key, files, mode, hw, crop, "folder", opts["preload"], opts["num_threads"])
     return ImageDataset("folder", split, images, flip=flip, files=files, root=str(root))
+
+
+def _image_files(root: Path) -> list[str]:
+    """Sorted paths, relative to ``root``, of the image files under it (symlinked folders are not followed).
+    One error naming the folder when ``root`` does not exist, is a file, is empty, holds no image files, or has a
+    folder this process may not read (which a glob would skip without a word)."""
+    where = "pass root=<a folder of PNG/JPEG/PGM images>"
+    if not root.exists():
+        raise FileNotFoundError(f"root: {root} does not exist; {where}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"root: {root} is a file, not a folder; {where}")
+    found: list[str] = []
+    entries = 0
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                children = list(it)
+        except PermissionError:
+            raise PermissionError(f"root: cannot read the folder {folder} (permission denied); make it readable "
+                                  f"(chmod u+rx) or pass another root") from None
+        entries += len(children)
+        for entry in children:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
+                found.append(str(Path(entry.path).relative_to(root)))
+    if entries == 0:
+        raise FileNotFoundError(f"root: {root} is empty; {where}")
+    if not found:
+        raise FileNotFoundError(f"root: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}; {where}")
+    return sorted(found)
 
 
 # --------------------------------------------------------------------------------------------------------------

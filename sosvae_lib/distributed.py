@@ -38,14 +38,24 @@ class DistContext:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → cuda if available else cpu; ``cuda`` → this process's GPU; anything else as given."""
+    """``auto`` → cuda if available else cpu; ``cuda`` → this process's GPU; ``cuda:N`` → GPU N, which must exist;
+    ``cpu``. Anything else, or a GPU that is not there, is one ValueError naming ``device``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not isinstance(name, str) or not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {name!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device: {name!r} was asked for but no CUDA device is available here; use auto or cpu")
     if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
+        return torch.device("cuda", local_rank % count)
+    index = int(name[5:])
+    if index >= count:
+        raise ValueError(f"device: {name!r} was asked for but this machine has {count} CUDA device(s), "
+                         f"cuda:0 … cuda:{count - 1}")
+    return torch.device("cuda", index)
 
 
 def init_distributed(device: str = "auto") -> DistContext:

@@ -2,26 +2,32 @@
 Autoencoders", TMLR 2022): one function used by notebooks, tests and the command line.
 
     python -m sosvae_lib.train --config smoke|cpu|paper --dataset NAME [--root PATH] --head NAME --rank R \
-        --latent N --image-size PX --epochs E --target-kl T --seed S --out DIR [--resume] [--device auto|cpu|cuda]
+        --latent N --image-size PX --epochs E --target-kl T --seed S --out DIR [--resume] [--device auto|cpu|cuda|cuda:N]
 
 The same command under ``torchrun --nproc_per_node=N`` trains with DistributedDataParallel (see
 `sosvae_lib.distributed`). Each epoch rank 0 writes ``DIR/checkpoint.pt`` atomically, then ``DIR/metrics.csv``
 and TensorBoard scalars in ``DIR/tb``; ``DIR/summary.json`` marks a finished run.
 
-Exact resume: the data order of an epoch depends only on (seed, epoch) and the random generators are reseeded
-from (seed, rank, epoch) at the start of every epoch, so ``--resume`` from a checkpoint reproduces the weights of
-an uninterrupted run bit for bit on the CPU. A non-finite loss or gradient stops the run before the optimiser
-step, naming the epoch and batch; the last good checkpoint is left as it was.
+Same bits on every CPU: the data order of an epoch depends only on (seed, epoch); flips and dequantisation noise
+are drawn in the training process from a generator reseeded from (seed, rank, epoch) at the start of every epoch
+(so ``--num-workers`` changes nothing); the CPU uses the contiguous layout (`memory_format`). Two runs with the same
+seed and thread count give the same weights, and ``--resume`` from a checkpoint reproduces the weights of an
+uninterrupted run bit for bit. A non-finite loss or gradient stops the run before the optimiser step, naming the
+epoch and batch; the last good checkpoint is left as it was.
+
+Exit codes: 0 done; 2 a usage error, printed as one line naming the flag, path or file, before any data is loaded
+or any file written (bad values, a missing or unreadable data folder, an ``--out`` that is a file or not writable,
+a damaged checkpoint, a GPU that is not there, a folder another training holds); 1 a failed training.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .config import HEADS, PRESETS, TrainConfig
+from .config import HEADS, PRESETS, USAGE_ERRORS, TrainConfig, preset_fields
 from .distributed import (DistContext, all_reduce_sum, cleanup, init_distributed, make_sampler, wrap_model)
 from .metrics import bits_per_dim, dequantize
 from .model import VAE, build_model
@@ -57,11 +63,7 @@ class _LossTerms(nn.Module):
 
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of every tensor of the state dict (to compare weights across runs or processes bit for bit)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return ckpt_io.tensor_digest(model.state_dict())
 
 
 def _seed_everything(seed: int) -> None:
@@ -85,6 +87,16 @@ def _first(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of the model and batches: channels-last on CUDA (the fast cuDNN path), contiguous elsewhere.
+
+    Not channels-last on the CPU: there the oneDNN backward of the 1×1 stride-2 skip convolution corrupted the
+    heap with one thread and gave run-to-run differences with two on AMD EPYC hosts (torch 2.14.1), while the
+    contiguous layout is bitwise reproducible on every host; the 10–15 % it gained is not worth that.
+    """
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def _load_train_set(config: TrainConfig):
     from .data import load_dataset
 
@@ -96,13 +108,18 @@ def _load_train_set(config: TrainConfig):
     return load_dataset(config.dataset, "train", image_size=config.image_size, root=config.root, **options)
 
 
-def _check_resume_config(stored: TrainConfig, given: TrainConfig) -> TrainConfig:
+def _check_resume_config(stored: TrainConfig, given: TrainConfig, done_epochs: int, out_dir: Path) -> TrainConfig:
+    """The configuration a resumed run continues with: ``stored`` with the fields of `RESUMABLE_CHANGES` taken
+    from ``given``; any other field that differs, or fewer epochs than already trained, is a ValueError naming it."""
     a, b = stored.to_dict(), given.to_dict()
     differ = [k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES]
     if differ:
         k = differ[0]
         raise ValueError(f"{k}: the run being resumed was trained with {k}={a[k]!r}, got {b[k]!r} "
                          f"(only {', '.join(RESUMABLE_CHANGES)} may change on --resume)")
+    if given.epochs < done_epochs:
+        raise ValueError(f"epochs: the run in {out_dir} has already trained {done_epochs} epochs; give epochs >= "
+                         f"{done_epochs} to resume it, or choose another out directory, got {given.epochs}")
     return stored.replace(**{k: b[k] for k in RESUMABLE_CHANGES})
 
 
@@ -113,66 +130,206 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     ``config.epochs``; without it an existing checkpoint in ``out_dir`` is an error. The summary holds
     ``train_seconds``, ``epochs``, ``complete``, the last epoch's metrics, ``images_per_second`` and
     ``weights_sha256`` (returned on every rank; written to ``summary.json`` by rank 0).
+
+    Everything that can be checked without data is checked before any data is loaded or file written: the
+    device, ``out_dir`` (a writable folder), the checkpoint to resume (intact; its configuration compatible) —
+    each a one-line error (see `sosvae_lib.config.USAGE_ERRORS`). While it runs, the training holds
+    ``out_dir/train.lock``, so a second training into the same folder stops with `RunLockedError`.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: must be a TrainConfig, got {type(config).__name__}")
+    out_dir = ckpt_io.check_out_dir(out_dir)
     ctx = init_distributed(config.device)
     try:
-        return _train(config, Path(out_dir), resume, progress, ctx)
+        config, state = _resumable_state(config, out_dir, resume)
+        dataset = _load_train_set(config)
+        if len(dataset) == 0:
+            raise ValueError(f"dataset: {config.dataset!r} has no training images")
+        if not ctx.is_main:
+            return _train(config, out_dir, state, dataset, progress, ctx)
+        with ckpt_io.run_lock(out_dir):
+            if state is None and (out_dir / ckpt_io.CHECKPOINT).exists():
+                raise ckpt_io.RunLockedError(f"out: another training wrote {out_dir / ckpt_io.CHECKPOINT} while "
+                                             f"this one was loading its data; resume it or choose another --out")
+            return _train(config, out_dir, state, dataset, progress, ctx)
     finally:
         cleanup(ctx)
 
 
-def _train(config: TrainConfig, out_dir: Path, resume: bool, progress: bool, ctx: DistContext) -> dict:
-    wall_start = time.perf_counter()
+def _resumable_state(config: TrainConfig, out_dir: Path, resume: bool) -> tuple[TrainConfig, dict | None]:
+    """(configuration to train, verified checkpoint or None) for a run into ``out_dir``."""
     ckpt_path = out_dir / ckpt_io.CHECKPOINT
-    state = None
-    if ckpt_path.exists():
-        if not resume:
-            raise FileExistsError(f"out: {out_dir} already holds a run ({ckpt_io.CHECKPOINT}); pass resume=True "
-                                  f"(--resume) to continue it or choose another directory")
-        state = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
-        config = _check_resume_config(TrainConfig.from_dict(state["config"]), config)
+    if not ckpt_path.exists():
+        return config, None
+    if not resume:
+        raise FileExistsError(f"out: {out_dir} already holds a run ({ckpt_io.CHECKPOINT}); pass resume=True "
+                              f"(--resume) to continue it or choose another directory")
+    state = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
+    return _check_resume_config(TrainConfig.from_dict(state["config"]), config, int(state["epoch"]), out_dir), state
 
-    dataset = _load_train_set(config)
-    if len(dataset) == 0:
-        raise ValueError(f"dataset: {config.dataset!r} has no training images")
+
+@dataclass
+class _Run:
+    """What one training process holds: the model, optimiser, objective, data and history of a run."""
+
+    config: TrainConfig
+    ctx: DistContext
+    model: VAE
+    step_module: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: Any
+    noise_params: list
+    loader: Any
+    sampler: Any
+    flip: bool
+    layout: torch.memory_format
+    bits: int
+    dim: int
+    history: list = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def _setup(config: TrainConfig, state: dict | None, dataset, ctx: DistContext) -> _Run:
+    """Build the model (weights from the seed, or the checkpoint), optimiser, objective and loader."""
+    from .data import make_loader
+
     image_shape = tuple(int(s) for s in dataset.images.shape[1:]) if hasattr(dataset, "images") \
         else tuple(int(s) for s in _first(dataset[0]).shape)
+    # Flips are drawn here, in the training process, from the generator reseeded every epoch, not in loader
+    # workers (whose generators persist across epochs): the run is then the same for any num_workers and resumes
+    # exactly.
+    flip = bool(getattr(dataset, "flip", False))
+    if flip:
+        dataset.flip = False
     _seed_everything(config.seed)  # the initial weights depend on the seed only
-    device = ctx.device
-    model = build_model(config, image_shape).to(device)
-    # oneDNN convolutions on the CPU are ~10-15 % faster in channels-last layout (measured on the cpu preset)
-    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    model = model.to(memory_format=layout)
+    layout = memory_format(ctx.device)
+    model = build_model(config, image_shape).to(ctx.device).to(memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     objective = make_objective(config)
-    history: list[dict[str, Any]] = []
-    start_epoch, train_seconds = 0, 0.0
+    run = _Run(config=config, ctx=ctx, model=model, step_module=model, optimizer=optimizer, objective=objective,
+               noise_params=model.noise_parameters(), loader=None, sampler=None, flip=flip, layout=layout,
+               bits=getattr(dataset, "bits", None) or 8, dim=math.prod(image_shape))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         objective.load_state_dict({"lambda": state["lambda"], "lambda_entropy": state.get("lambda_entropy", 0.0)})
-        history = list(state["history"])
-        start_epoch, train_seconds = int(state["epoch"]), float(state["train_seconds"])
+        run.history = list(state["history"])
+        run.train_seconds = float(state["train_seconds"])
+    run.step_module = wrap_model(_LossTerms(model, objective.uses_entropy), ctx)
+    run.sampler = make_sampler(dataset, ctx, config.seed, shuffle=True)
+    run.loader = make_loader(dataset, config.batch_size, shuffle=False, seed=config.seed,
+                             num_workers=config.num_workers, drop_last=False, sampler=run.sampler)
+    return run
 
-    step_module = wrap_model(_LossTerms(model, objective.uses_entropy), ctx)
-    noise_params = model.noise_parameters()
 
-    from .data import make_loader
+def _step(run: _Run, x: torch.Tensor, pretrain: bool, where: str) -> torch.Tensor:
+    """One optimiser step on the batch ``x`` (already on the device, flipped and dequantised). Returns the
+    process-summed float64 statistics [loss, nll sum, kl sum, entropy sum, images]. A non-finite loss or
+    gradient raises FloatingPointError (``where`` says which epoch and batch) before the parameters change."""
+    objective, ctx = run.objective, run.ctx
+    terms = run.step_module(x)
+    nll, kl = terms[0], terms[1]
+    entropy = terms[2] if objective.uses_entropy else None
+    loss = objective.loss(nll, kl, entropy)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if pretrain:  # mean pre-training: the covariance head stays at its initial value
+        for p in run.noise_params:
+            p.grad = None
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    grad_sum = torch.stack([g.sum() for g in grads]).sum() if grads else torch.zeros((), device=x.device)
+    ent_sum = entropy.detach().sum() if entropy is not None else torch.zeros((), device=x.device)
+    local = torch.stack([loss.detach(), nll.detach().sum(), kl.detach().sum(), ent_sum,
+                         torch.tensor(float(x.shape[0]), device=x.device)]).double().cpu()
+    viol = torch.tensor(objective.violations(kl, entropy), dtype=torch.float64)
+    packed = all_reduce_sum(torch.cat([local, viol, grad_sum.detach().double().cpu().view(1)]), ctx)
+    if not torch.isfinite(packed).all():
+        what = "loss" if not torch.isfinite(packed[:5]).all() else "gradient"
+        raise FloatingPointError(f"non-finite {what} at {where}: training stopped before the optimiser step")
+    run.optimizer.step()
+    objective.update((packed[5:5 + len(viol)] / ctx.world_size).tolist())
+    return packed[:5]
 
-    sampler = make_sampler(dataset, ctx, config.seed, shuffle=True)
-    loader = make_loader(dataset, config.batch_size, shuffle=False, seed=config.seed,
-                         num_workers=config.num_workers, drop_last=False, sampler=sampler)
-    dim = math.prod(image_shape)
-    bpd_bits = 8 if config.dequantize else 0
+
+def _epoch(run: _Run, epoch: int, bar: Any) -> dict[str, Any]:
+    """Train epoch ``epoch`` (0-based); return its metric row (also appended to ``run.history``)."""
+    from .data import flip_batch
+
+    config, ctx, objective = run.config, run.ctx, run.objective
+    torch.manual_seed(_epoch_seed(config.seed, ctx.rank, epoch))
+    run.sampler.set_epoch(epoch)
+    pretrain = epoch < config.pretrain_epochs
+    run.model.train()
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, nll, kl, entropy, images
+    t0 = time.perf_counter()
+    for batch_idx, batch in enumerate(run.loader):
+        x = _first(batch)
+        if run.flip:
+            x = flip_batch(x)  # the global generator, reseeded every epoch (exact resume)
+        x = x.to(ctx.device, non_blocking=True).contiguous(memory_format=run.layout)
+        if config.dequantize:
+            x = dequantize(x, bits=run.bits)  # the same generator
+        try:
+            stats = _step(run, x, pretrain, f"epoch {epoch + 1}, batch {batch_idx + 1} (1-based)")
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}; the last good checkpoint ({'none yet' if not epoch else epoch} "
+                                     f"epochs) is left intact") from None
+        sums += stats
+        if bar is not None:
+            n = float(stats[4])
+            bar.update(1)
+            bar.set_postfix_str(f"ep {epoch + 1}/{config.epochs} nll {float(stats[1]) / n:.4g} "
+                                f"kl {float(stats[2]) / n:.3g} λ {objective.lam:.3g}", refresh=False)
+    seconds = time.perf_counter() - t0
+    run.train_seconds += seconds
+    n = float(sums[4])
+    row: dict[str, Any] = {
+        "epoch": epoch + 1, "loss": float(sums[0]) / n, "nll": float(sums[1]) / n,
+        "nll_bpd": float(bits_per_dim(float(sums[1]) / n, run.dim, bits=run.bits if config.dequantize else 0)),
+        "kl": float(sums[2]) / n, "target_kl": config.target_kl if config.beta is None else float("nan"),
+        "lambda": objective.lam,
+    }
+    if objective.uses_entropy:
+        row.update(entropy=float(sums[3]) / n, entropy_target=config.entropy_target,
+                   lambda_entropy=objective.lam_entropy)
+    row.update(pretrain=int(pretrain), images=int(n), seconds=seconds, train_seconds=run.train_seconds)
+    run.history.append(row)
+    return row
+
+
+def _save(run: _Run, out_dir: Path, image_shape: list[int], writer: Any) -> None:
+    """Rank 0: the checkpoint (with its digests), metrics.csv and TensorBoard scalars after an epoch."""
+    model_state, optim_state = run.model.state_dict(), run.optimizer.state_dict()
+    epoch = run.history[-1]["epoch"]
+    ckpt_io.atomic_save({
+        "model": model_state, "optimizer": optim_state, "lambda": run.objective.lam,
+        "lambda_entropy": run.objective.lam_entropy, "rng": _rng_state(), "epoch": epoch,
+        "config": run.config.to_dict(), "image_shape": image_shape, "history": run.history,
+        "train_seconds": run.train_seconds, "weights_sha256": ckpt_io.tensor_digest(model_state),
+        "optimizer_sha256": ckpt_io.tensor_digest(optim_state),
+    }, out_dir / ckpt_io.CHECKPOINT)
+    ckpt_io.write_metrics_csv(out_dir / ckpt_io.METRICS, run.history)
+    if writer is not None:
+        row = run.history[-1]
+        for key in ("loss", "nll", "nll_bpd", "kl", "lambda", "entropy", "lambda_entropy"):
+            if key in row:
+                writer.add_scalar(f"train/{key}", row[key], epoch)
+        writer.flush()
+
+
+def _train(config: TrainConfig, out_dir: Path, state: dict | None, dataset, progress: bool,
+           ctx: DistContext) -> dict:
+    wall_start = time.perf_counter()
+    run = _setup(config, state, dataset, ctx)
+    start_epoch = int(state["epoch"]) if state is not None else 0
+    image_shape = list(dataset.images.shape[1:]) if hasattr(dataset, "images") else list(_first(dataset[0]).shape)
+    image_shape = [int(s) for s in image_shape]
 
     writer = None
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_io.atomic_write_json(out_dir / ckpt_io.CONFIG, config.to_dict())
         if state is not None:  # metrics.csv may be ahead of or behind the checkpoint if the run was killed
-            ckpt_io.write_metrics_csv(out_dir / ckpt_io.METRICS, history)
+            ckpt_io.write_metrics_csv(out_dir / ckpt_io.METRICS, run.history)
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_epoch + 1)
@@ -182,93 +339,28 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, progress: bool, ctx
     bar = None
     if progress and ctx.is_main and config.epochs > start_epoch:
         from tqdm.auto import tqdm
-        bar = tqdm(total=(config.epochs - start_epoch) * len(loader), desc="train", dynamic_ncols=True,
+        bar = tqdm(total=(config.epochs - start_epoch) * len(run.loader), desc="train", dynamic_ncols=True,
                    file=sys.stderr)
-
     try:
         for epoch in range(start_epoch, config.epochs):
-            torch.manual_seed(_epoch_seed(config.seed, ctx.rank, epoch))
-            sampler.set_epoch(epoch)
-            pretrain = epoch < config.pretrain_epochs
-            model.train()
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, nll, kl, entropy, images
-            t0 = time.perf_counter()
-            for batch_idx, batch in enumerate(loader):
-                x = _first(batch).to(device, non_blocking=True).contiguous(memory_format=layout)
-                if config.dequantize:
-                    x = dequantize(x)  # the global generator, reseeded every epoch (exact resume)
-                terms = step_module(x)
-                nll, kl = terms[0], terms[1]
-                entropy = terms[2] if objective.uses_entropy else None
-                loss = objective.loss(nll, kl, entropy)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if pretrain:  # mean pre-training: the covariance head stays at its initial value
-                    for p in noise_params:
-                        p.grad = None
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                grad_sum = torch.stack([g.sum() for g in grads]).sum() if grads else torch.zeros(())
-                ent_sum = entropy.detach().sum() if entropy is not None else torch.zeros((), device=device)
-                local = torch.stack([loss.detach(), nll.detach().sum(), kl.detach().sum(), ent_sum,
-                                     torch.tensor(float(x.shape[0]), device=device)]).double().cpu()
-                viol = torch.tensor(objective.violations(kl, entropy), dtype=torch.float64)
-                packed = all_reduce_sum(torch.cat([local, viol, grad_sum.detach().double().cpu().view(1)]), ctx)
-                if not torch.isfinite(packed).all():
-                    what = "loss" if not torch.isfinite(packed[:5]).all() else "gradient"
-                    raise FloatingPointError(
-                        f"non-finite {what} at epoch {epoch + 1}, batch {batch_idx + 1} (1-based): training stopped "
-                        f"before the optimiser step; the last good checkpoint "
-                        f"({ckpt_path if start_epoch or epoch else 'none yet'}, epoch {epoch}) is left intact")
-                optimizer.step()
-                objective.update((packed[5:5 + len(viol)] / ctx.world_size).tolist())
-                sums += packed[:5]
-                if bar is not None:
-                    n = float(local[4])
-                    bar.update(1)
-                    bar.set_postfix_str(f"ep {epoch + 1}/{config.epochs} nll {float(local[1]) / n:.4g} "
-                                        f"kl {float(local[2]) / n:.3g} λ {objective.lam:.3g}", refresh=False)
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            n = float(sums[4])
-            row: dict[str, Any] = {
-                "epoch": epoch + 1, "loss": float(sums[0]) / n, "nll": float(sums[1]) / n,
-                "nll_bpd": float(bits_per_dim(float(sums[1]) / n, dim, bits=bpd_bits)),
-                "kl": float(sums[2]) / n, "target_kl": config.target_kl if config.beta is None else float("nan"),
-                "lambda": objective.lam,
-            }
-            if objective.uses_entropy:
-                row.update(entropy=float(sums[3]) / n, entropy_target=config.entropy_target,
-                           lambda_entropy=objective.lam_entropy)
-            row.update(pretrain=int(pretrain), images=int(n), seconds=seconds, train_seconds=train_seconds)
-            history.append(row)
+            _epoch(run, epoch, bar)
             if ctx.is_main:
-                ckpt_io.atomic_save({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "lambda": objective.lam, "lambda_entropy": objective.lam_entropy, "rng": _rng_state(),
-                    "epoch": epoch + 1, "config": config.to_dict(), "image_shape": list(image_shape),
-                    "history": history, "train_seconds": train_seconds,
-                }, ckpt_path)
-                ckpt_io.write_metrics_csv(out_dir / ckpt_io.METRICS, history)
-                if writer is not None:
-                    for key in ("loss", "nll", "nll_bpd", "kl", "lambda", "entropy", "lambda_entropy"):
-                        if key in row:
-                            writer.add_scalar(f"train/{key}", row[key], epoch + 1)
-                    writer.flush()
+                _save(run, out_dir, image_shape, writer)
     finally:
         if bar is not None:
             bar.close()
         if writer is not None:
             writer.close()
 
-    images = sum(r["images"] for r in history)
+    images = sum(r["images"] for r in run.history)
     summary: dict[str, Any] = {
-        "complete": True, "epochs": config.epochs, "train_seconds": train_seconds,
+        "complete": True, "epochs": config.epochs, "train_seconds": run.train_seconds,
         "wall_seconds": time.perf_counter() - wall_start,
-        "images_per_second": images / train_seconds if train_seconds > 0 else float("nan"),
-        "dataset": config.dataset, "head": config.head, "rank": model.rank, "latent": config.latent,
-        "image_shape": list(image_shape), "train_items": len(dataset), "world_size": ctx.world_size,
-        "device": str(device), "weights_sha256": weights_digest(model), "config": config.to_dict(),
-        "final": history[-1] if history else {},
+        "images_per_second": images / run.train_seconds if run.train_seconds > 0 else float("nan"),
+        "dataset": config.dataset, "head": config.head, "rank": run.model.rank, "latent": config.latent,
+        "image_shape": image_shape, "train_items": len(dataset), "world_size": ctx.world_size,
+        "device": str(ctx.device), "weights_sha256": weights_digest(run.model), "config": config.to_dict(),
+        "final": run.history[-1] if run.history else {},
     }
     if ctx.is_main:
         ckpt_io.atomic_write_json(out_dir / ckpt_io.SUMMARY, summary)
@@ -292,9 +384,12 @@ def _image_size(text: str) -> int | tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sosvae_lib.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="cpu", choices=PRESETS, help="preset to start from (default cpu)")
+    p.add_argument("--config", choices=PRESETS,
+                   help="preset to start from (default cpu; with --resume: the stored configuration)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: its stored configuration is the default of every field not "
+                        "given; a given field that differs is an error (except epochs, device, num-workers, root)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dataset")
     p.add_argument("--root")
@@ -311,20 +406,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the command line describes. Without ``--resume`` (or with no checkpoint in ``--out``
+    yet): the preset (default cpu) with the given flags. With ``--resume``: the configuration stored in the
+    checkpoint, with the given flags and the given preset's fields on top; `train` then refuses any of them that
+    differs from the stored run, naming it."""
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("config", "out", "resume", "no_progress") and v is not None}
+    ckpt_path = Path(args.out) / ckpt_io.CHECKPOINT
+    if not (args.resume and ckpt_path.is_file()):
+        return TrainConfig.preset(args.config or "cpu", **given)
+    stored = TrainConfig.from_dict(ckpt_io.load_checkpoint(ckpt_path)["config"])
+    fields = preset_fields(args.config) if args.config else {}
+    fields.update(given)
+    return stored.replace(**fields)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    skip = {"config", "out", "resume", "no_progress"}
-    overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    """The command line. Exit codes: 0 done; 2 a usage error (one line naming the flag, path or file, raised
+    before any data is loaded or any file written); 1 the training itself failed (a non-finite loss)."""
+    args = build_parser().parse_args(argv)
     try:
-        config = TrainConfig.preset(args.config, **overrides)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
+        config = config_from_args(args)
         summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
-    except (FloatingPointError, FileExistsError, ValueError) as e:
+    except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except USAGE_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if summary.get("process_rank", 0) == 0:
         final = summary["final"]
         if final:

@@ -161,3 +161,38 @@ def test_command_line(tmp_path):
                          timeout=120)
     assert bad.returncode != 0 and "rank: must be an integer >= 1" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Same bits on every CPU: fresh processes, 1 and 2 threads, resume and loader workers. ORL flips its images, so
+# the augmentation noise is covered too. The digests are compared within this host only: no test depends on the
+# CPU vendor.
+
+def _cli_run(out: Path, threads: int, *extra: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-m", "sosvae_lib.train", "--config", "smoke", "--dataset", DATASET,
+                           "--head", "lowrank", "--rank", "3", "--seed", "11", "--device", "cpu", "--max-items", "24",
+                           "--batch-size", "6", "--no-progress", "--out", str(out), *extra],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    return json.loads((out / "summary.json").read_text())["weights_sha256"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_seed_same_weights_in_fresh_processes(tmp_path, threads):
+    a = _cli_run(tmp_path / "a", threads, "--epochs", "3")
+    b = _cli_run(tmp_path / "b", threads, "--epochs", "3")
+    assert a == b
+
+
+def test_cli_resume_equals_a_straight_run_with_two_threads_and_with_workers(tmp_path):
+    straight = _cli_run(tmp_path / "straight", 2, "--epochs", "4")
+    for name, extra in (("threads", ()), ("workers", ("--num-workers", "2"))):
+        _cli_run(tmp_path / name, 2, "--epochs", "2", *extra)
+        assert _cli_run(tmp_path / name, 2, "--epochs", "4", "--resume", *extra) == straight, name
+    assert load_checkpoint(tmp_path / "workers")["epoch"] == 4
+
+
+def test_the_cpu_never_uses_channels_last():
+    assert train_mod.memory_format(torch.device("cpu")) == torch.contiguous_format
+    assert train_mod.memory_format(torch.device("cuda", 0)) == torch.channels_last
