@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -74,32 +74,43 @@ def standard_normal_kl(posterior: Normal) -> torch.Tensor:
 
 @torch.no_grad()
 def iwae_log_likelihood(model: LatentModel, x: torch.Tensor, k: int = 8,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None,
+                        variants: Mapping[str, Callable[[Any], Any]] | None = None) -> dict[str, torch.Tensor]:
     """Importance-sampled log-likelihood and ELBO of images x [B, C, H, W] (already dequantised), in nats.
 
     Returns dict(log_likelihood [B] = log (1/K) Σ_k w_k, the IWAE bound with log w_k = log p(x|z_k) +
     log p(z_k) − log q(z_k|x); elbo [B] = mean_k log p(x|z_k) − KL(q‖p) with the KL in closed form;
     kl [B]; recon_nll [B] = −mean_k log p(x|z_k)). One decoder call of batch B per importance sample.
+    ``variants`` {name: f}: also the bound ``log_likelihood_<name>`` [B] of the observation model f(p(x|z)) (e.g.
+    `sosvae_lib.calibration.rescale_diagonal` at a calibrated scale), from the same z_k and the same decoder calls.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k: must be an integer >= 1 (importance samples), got {k!r}")
+    variants = dict(variants or {})
     posterior = model.encode(x)
     flat = x.reshape(x.shape[0], -1)
     loc, scale = posterior.loc, posterior.scale
     log_w, log_px = [], []
+    log_w_var: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
     for _ in range(k):
         eps = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device="cpu").to(loc.device)
         z = loc + scale * eps
-        lp = model.decode(z).log_prob(flat).double()
+        obs = model.decode(z)
+        lp = obs.log_prob(flat).double()
         log_q = Normal(loc, scale).log_prob(z).sum(-1).double()
         log_p = Normal(torch.zeros_like(z), torch.ones_like(z)).log_prob(z).sum(-1).double()
         log_px.append(lp)
         log_w.append(lp + log_p - log_q)
+        for name, f in variants.items():
+            log_w_var[name].append(f(obs).log_prob(flat).double() + log_p - log_q)
     log_w_t = torch.stack(log_w)  # [K, B]
     log_px_t = torch.stack(log_px)
     kl = standard_normal_kl(posterior).double()
-    return dict(log_likelihood=torch.logsumexp(log_w_t, 0) - math.log(k),
-                elbo=log_px_t.mean(0) - kl, kl=kl, recon_nll=-log_px_t.mean(0))
+    out = dict(log_likelihood=torch.logsumexp(log_w_t, 0) - math.log(k),
+               elbo=log_px_t.mean(0) - kl, kl=kl, recon_nll=-log_px_t.mean(0))
+    for name, ws in log_w_var.items():
+        out[f"log_likelihood_{name}"] = torch.logsumexp(torch.stack(ws), 0) - math.log(k)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,6 +269,43 @@ def most_uncertain_patch(variance: torch.Tensor, image_shape: tuple[int, int, in
     return (idx // pooled.shape[-1]).cpu(), (idx % pooled.shape[-1]).cpu()
 
 
+INPAINT_FAMILIES = ("random50", "patch10", "patch10_maxvar", "top_half", "left_half")
+"""The mask families of the inpainting metrics. In each the named region is *observed* (revealed) and every other
+pixel is hidden and scored; a pixel position is observed or hidden in all channels together.
+``random50``: ⌊H·W/2⌋ pixel positions drawn uniformly without replacement, independently per image
+(`random_pixel_masks`); ``patch10``: a square of side ``patch`` (10 by default) at a uniformly random position
+(`random_patch_corners`, `patch_masks`); ``patch10_maxvar``: the square of largest total marginal variance
+(`most_uncertain_patch`); ``top_half``: rows 0 … ⌊H/2⌋ − 1; ``left_half``: columns 0 … ⌊W/2⌋ − 1
+(`half_masks`)."""
+
+
+def random_pixel_masks(n: int, image_shape: tuple[int, int, int], fraction: float = 0.5,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean masks [n, D], True on exactly ⌊fraction·H·W⌋ pixel positions (all channels of each), drawn uniformly
+    without replacement and independently for each of the n images."""
+    c, h, w = image_shape
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction: must be in [0, 1], got {fraction!r}")
+    keep = int(math.floor(fraction * h * w))
+    order = torch.rand(n, h * w, generator=generator).argsort(-1)
+    grid = torch.zeros(n, h * w, dtype=torch.bool).scatter_(1, order[:, :keep], True)
+    return grid[:, None].expand(n, c, h * w).reshape(n, c * h * w)
+
+
+def half_masks(n: int, image_shape: tuple[int, int, int], side: str) -> torch.Tensor:
+    """Boolean masks [n, D] (all channels), True on the top half (``side="top"``: rows i < ⌊H/2⌋) or the left half
+    (``side="left"``: columns j < ⌊W/2⌋) of the image; the same for all n images."""
+    c, h, w = image_shape
+    grid = torch.zeros(h, w, dtype=torch.bool)
+    if side == "top":
+        grid[: h // 2] = True
+    elif side == "left":
+        grid[:, : w // 2] = True
+    else:
+        raise ValueError(f"side: must be 'top' or 'left', got {side!r}")
+    return grid.reshape(1, 1, h * w).expand(n, c, h * w).reshape(n, c * h * w)
+
+
 @dataclass
 class Inpainting:
     """Result of `inpaint`, per image: means [B, D]; squared errors and NLL summed over hidden pixels [B]."""
@@ -326,3 +374,35 @@ def spectrum_distance(a: torch.Tensor, b: torch.Tensor, image_shape: tuple[int, 
     if sa.shape != sb.shape:
         raise ValueError(f"a, b: image sizes differ ({sa.shape[0]} vs {sb.shape[0]} radial bins)")
     return float(torch.sqrt(((sa[1:] - sb[1:]) ** 2).mean()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fréchet distance between feature distributions
+# ----------------------------------------------------------------------------------------------------------
+
+def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric positive semi-definite matrix (eigh; negative round-off clamped)."""
+    w, v = torch.linalg.eigh(s)
+    return (v * w.clamp_min(0).sqrt()) @ v.mT
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet (2-Wasserstein) distance, squared, between Gaussians fitted to two feature sets a [N, F], b [M, F]:
+
+        d² = ‖m_a − m_b‖² + tr S_a + tr S_b − 2 tr (S_a^{1/2} S_b S_a^{1/2})^{1/2},
+
+    m the means and S the unbiased covariances (Dowson & Landau, 1982), in float64. The squared form is the FID
+    convention, but FID is this formula on Inception-v3 pool features only; on other features it is not FID.
+    With N ≤ F the covariances are rank-deficient and d² is biased upwards: compare values at equal N, M.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a, b: need feature matrices [N, F] and [M, F] of one width F, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"a, b: need at least 2 rows each for a covariance, got {a.shape[0]} and {b.shape[0]}")
+    a, b = a.double(), b.double()
+    ma, mb = a.mean(0), b.mean(0)
+    sa, sb = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    ra = _psd_sqrt(sa)
+    cross = torch.linalg.eigvalsh(ra @ sb @ ra).clamp_min(0).sqrt().sum()
+    return float(((ma - mb) ** 2).sum() + torch.trace(sa) + torch.trace(sb) - 2 * cross)

@@ -1,0 +1,378 @@
+"""Calibration of the diagonal of SOS-VAE's observation covariance (Langley et al., "Structured Uncertainty in the
+Observation Space of Variational Autoencoders", TMLR 2022).
+
+The paper's head keeps the diagonal fixed at ε = 1e-5, so every residual outside span(P) is scored as nearly
+impossible (r²/2ε nats) and test likelihoods are hundreds of bits per dimension. Here one scalar s > 0 rescales
+the trained diagonal,
+
+    Σ(s) = P Pᵀ + s · diag(d),
+
+and s is fitted by maximum likelihood on validation reconstructions (z = posterior mean of q(z | x)), all else of
+the model fixed. For ``lowrank`` d = ε (a scalar), so the calibrated ε is s·ε; for ``lowrank-diag`` s multiplies
+the learned d(z). The pixel-wise ``diagonal`` head is not calibrated here (its variances are learned per pixel);
+the PPCA baseline needs none (its σ² is already the maximum-likelihood value on its training set).
+
+The fit is exact and cheap: one pass over the data reduces each image to R + 2 numbers (`DiagScaleStats`),
+after which the summed NLL at any s costs O(N·R); a coarse grid on log10 s brackets the minimum and a
+golden-section search refines it (`fit_diag_scale`).
+
+Consumers choose the trained or the calibrated diagonal: `rescale_diagonal` (one distribution),
+`with_diag_scale` (a model whose ``decode`` returns the calibrated distribution; encode/IWAE/conditioning work
+unchanged), `calibrate_run` / `read_calibration` (a run directory's ``calibration.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .distributions import LowRankNormal
+
+__all__ = ["DiagScaleStats", "diag_scale_statistics", "fit_diag_scale", "Calibration", "calibrate_diagonal",
+           "rescale_diagonal", "with_diag_scale", "DiagScaled", "calibrate_model", "calibrate_run",
+           "read_calibration", "CALIBRATION_FILE", "EPS_BOUNDS", "SCALE_BOUNDS"]
+
+CALIBRATION_FILE = "calibration.json"
+EPS_BOUNDS = (1e-8, 1.0)
+"""Default search interval of the calibrated ε itself when the trained diagonal is a scalar (log10 ε ∈ [−8, 0])."""
+SCALE_BOUNDS = (1e-4, 1e4)
+"""Default search interval of the multiplier s when the trained diagonal is per-pixel (``lowrank-diag``)."""
+_LOG_2PI = math.log(2.0 * math.pi)
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The exact NLL as a function of the scale, from per-image sufficient statistics
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiagScaleStats:
+    """What the NLL of images under N(μ, PPᵀ + s·diag(d)) depends on, for every s > 0 (float64, N images):
+    ``sq_singular`` [N, R] σ_j² of A = d^{-1/2} ⊙ P; ``sq_coef`` [N, R] c_j² with c = Uᵀ y; ``perp`` [N]
+    ‖y − U c‖²; ``log_diag`` [N] Σ_i log d_i; ``dim`` D. See `diag_scale_statistics`."""
+
+    sq_singular: torch.Tensor
+    sq_coef: torch.Tensor
+    perp: torch.Tensor
+    log_diag: torch.Tensor
+    dim: int
+
+    @property
+    def num_images(self) -> int:
+        return int(self.perp.shape[0])
+
+    def nll(self, scale: float | torch.Tensor) -> torch.Tensor:
+        """−log N(x; μ, PPᵀ + s·diag d) in nats per image [N] (float64), for a scalar s > 0:
+
+            ½ [D log 2π + Σ_i log d_i + Σ_j log(σ_j² + s) + (D − R) log s + Σ_j c_j²/(σ_j² + s) + ‖y − Uc‖²/s].
+        """
+        s = torch.as_tensor(scale, dtype=torch.float64)
+        r = self.sq_singular.shape[-1]
+        lam = self.sq_singular + s
+        logdet = self.log_diag + torch.log(lam).sum(-1) + (self.dim - r) * torch.log(s)
+        maha = (self.sq_coef / lam).sum(-1) + self.perp / s
+        return 0.5 * (self.dim * _LOG_2PI + logdet + maha)
+
+    def total_nll(self, scale: float) -> float:
+        """Σ over images of `nll` (nats)."""
+        return float(self.nll(scale).sum())
+
+    @staticmethod
+    def cat(parts: Sequence["DiagScaleStats"]) -> "DiagScaleStats":
+        """The statistics of several batches of images as one."""
+        if not parts:
+            raise ValueError("parts: need at least one DiagScaleStats to concatenate")
+        dims = {p.dim for p in parts}
+        if len(dims) != 1:
+            raise ValueError(f"parts: statistics of different image sizes D {sorted(dims)} cannot be concatenated")
+        return DiagScaleStats(torch.cat([p.sq_singular for p in parts]), torch.cat([p.sq_coef for p in parts]),
+                              torch.cat([p.perp for p in parts]), torch.cat([p.log_diag for p in parts]),
+                              parts[0].dim)
+
+
+def _is_scalar_diag(cov_diag: torch.Tensor) -> bool:
+    """True when cov_diag is one number: a 0-dim / one-element tensor or an expanded view of one (all strides 0,
+    as `LowRankNormal.cov_diag` returns for the paper's fixed ε)."""
+    return cov_diag.numel() == 1 or (cov_diag.dim() > 0 and all(s == 0 for s in cov_diag.stride()))
+
+
+def diag_scale_statistics(loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor | float,
+                          x: torch.Tensor, chunk: int = 16) -> DiagScaleStats:
+    """Per-image sufficient statistics of the NLL of x [N, D] under N(loc, PPᵀ + s·diag(d)) as a function of s.
+
+    loc [N, D], cov_factor P [N, D, R] (or [D, R], shared), cov_diag d: a scalar or [N, D] / [D], > 0.
+    Spectral form (float64): with A = d^{-1/2} ⊙ P = U S Vᵀ (thin SVD, σ_j = S_jj) and y = d^{-1/2} ⊙ (x − μ),
+    Σ(s) = D^{1/2} (AAᵀ + sI) D^{1/2}, so log|Σ(s)| = Σ_i log d_i + Σ_j log(σ_j² + s) + (D − R) log s and
+    (x − μ)ᵀ Σ(s)⁻¹ (x − μ) = Σ_j c_j²/(σ_j² + s) + ‖y − Uc‖²/s with c = Uᵀ y. ‖y − Uc‖² is summed directly (not
+    ‖y‖² − ‖c‖², which cancels when d is tiny). Rank-deficient P is exact too (σ_j = 0 terms). ``chunk`` images
+    per SVD bound the float64 memory (chunk·D·R).
+    """
+    x = torch.as_tensor(x)
+    if x.dim() != 2:
+        raise ValueError(f"x: must be flattened images [N, D], got shape {tuple(x.shape)}")
+    n, d = x.shape
+    loc = torch.as_tensor(loc).expand(n, d)
+    if cov_factor.dim() == 2:
+        cov_factor = cov_factor.expand(n, *cov_factor.shape)
+    if cov_factor.dim() != 3 or cov_factor.shape[:2] != (n, d):
+        raise ValueError(f"cov_factor: must be [N, D, R] = [{n}, {d}, R] or [D, R], got {tuple(cov_factor.shape)}")
+    diag = torch.as_tensor(cov_diag, dtype=torch.float64)
+    scalar = _is_scalar_diag(diag)
+    if scalar:
+        diag = diag.reshape(-1)[0]
+    elif diag.shape[-1] != d:
+        raise ValueError(f"cov_diag: must be a scalar or [N, {d}] / [{d}], got {tuple(diag.shape)}")
+    if not bool((diag > 0).all()) or not bool(torch.isfinite(diag).all()):
+        raise ValueError("cov_diag: must be finite and > 0 (variances)")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: must be an integer >= 1, got {chunk!r}")
+    sq_sing, sq_coef, perp, log_diag = [], [], [], []
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        b = x[sl].shape[0]
+        dd = diag if scalar else diag.expand(n, d)[sl]
+        w = dd.rsqrt()
+        a = cov_factor[sl].double() * (w.unsqueeze(-1) if not scalar else w)
+        y = (x[sl].double() - loc[sl].double()) * w
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)  # u [b, D, R]
+        c = (u.mT @ y.unsqueeze(-1)).squeeze(-1)
+        sq_sing.append(s.square())
+        sq_coef.append(c.square())
+        perp.append((y - (u @ c.unsqueeze(-1)).squeeze(-1)).square().sum(-1))
+        log_diag.append(torch.full((b,), d * float(torch.log(dd)), dtype=torch.float64) if scalar
+                        else torch.log(dd).sum(-1))
+    return DiagScaleStats(torch.cat(sq_sing), torch.cat(sq_coef), torch.cat(perp), torch.cat(log_diag), d)
+
+
+def fit_diag_scale(stats: DiagScaleStats, bounds: tuple[float, float] = SCALE_BOUNDS, grid: int = 33,
+                   tol: float = 1e-4) -> tuple[float, bool]:
+    """The s ∈ [bounds] minimising Σ_images `DiagScaleStats.nll`(s), searched on t = log10 s: the best of ``grid``
+    equally spaced t brackets the minimum between its neighbours, then golden-section search narrows that
+    bracket to ``tol`` decades. Returns (s, at_bound), at_bound True when the minimum is at an end of ``bounds``
+    (widen them)."""
+    lo, hi = (float(b) for b in bounds)
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"bounds: must be (low, high) with 0 < low < high < inf, got {bounds!r}")
+    if not isinstance(grid, int) or grid < 3:
+        raise ValueError(f"grid: must be an integer >= 3, got {grid!r}")
+    if not tol > 0:
+        raise ValueError(f"tol: must be > 0 (decades), got {tol!r}")
+    t_lo, t_hi = math.log10(lo), math.log10(hi)
+    ts = torch.linspace(t_lo, t_hi, grid, dtype=torch.float64)
+
+    def f(t: float) -> float:
+        return stats.total_nll(10.0 ** t)
+
+    values = [f(float(t)) for t in ts]
+    i = min(range(grid), key=values.__getitem__)
+    a, b = float(ts[max(i - 1, 0)]), float(ts[min(i + 1, grid - 1)])
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - _GOLDEN * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + _GOLDEN * (b - a)
+            fd = f(d)
+    t_best, f_best = min(((c, fc), (d, fd), (float(ts[i]), values[i])), key=lambda p: p[1])
+    at_bound = (i == 0 and t_best - t_lo < 2 * tol) or (i == grid - 1 and t_hi - t_best < 2 * tol)
+    return 10.0 ** t_best, bool(at_bound)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted diagonal scale. ``scale`` s multiplies the trained diagonal; ``eps`` = s·ε when that diagonal is
+    a scalar ε (``lowrank``), else None; ``trained_eps`` ε (or None); ``nll_trained`` / ``nll_calibrated`` mean
+    NLL in nats per image of the fitting images at s = 1 and at s; ``num_images``, ``num_dims`` (D);
+    ``at_bound`` the minimum lies at an end of the searched interval."""
+
+    scale: float
+    eps: float | None
+    trained_eps: float | None
+    nll_trained: float
+    nll_calibrated: float
+    num_images: int
+    num_dims: int
+    at_bound: bool
+
+    @property
+    def bpd_trained(self) -> float:
+        from .metrics import bits_per_dim
+        return float(bits_per_dim(self.nll_trained, self.num_dims))
+
+    @property
+    def bpd_calibrated(self) -> float:
+        from .metrics import bits_per_dim
+        return float(bits_per_dim(self.nll_calibrated, self.num_dims))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bpd_trained": self.bpd_trained, "bpd_calibrated": self.bpd_calibrated}
+
+
+def _calibration_from_stats(stats: DiagScaleStats, trained_eps: float | None, bounds: tuple[float, float] | None,
+                            grid: int, tol: float) -> Calibration:
+    """Fit s; for a scalar diagonal ``bounds`` are on ε = s·trained_eps (default `EPS_BOUNDS`), else on s."""
+    if bounds is None:
+        bounds = EPS_BOUNDS if trained_eps is not None else SCALE_BOUNDS
+    scale_bounds = bounds if trained_eps is None else (bounds[0] / trained_eps, bounds[1] / trained_eps)
+    scale, at_bound = fit_diag_scale(stats, scale_bounds, grid=grid, tol=tol)
+    if at_bound:
+        warnings.warn(f"calibration: the fitted diagonal scale {scale:.3g} lies at an end of the searched interval "
+                      f"{bounds}; widen bounds", RuntimeWarning, stacklevel=3)
+    n = stats.num_images
+    return Calibration(scale=scale, eps=None if trained_eps is None else scale * trained_eps, trained_eps=trained_eps,
+                       nll_trained=stats.total_nll(1.0) / n, nll_calibrated=stats.total_nll(scale) / n,
+                       num_images=n, num_dims=stats.dim, at_bound=at_bound)
+
+
+def calibrate_diagonal(loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor | float,
+                       x: torch.Tensor, bounds: tuple[float, float] | None = None, grid: int = 33,
+                       tol: float = 1e-4) -> Calibration:
+    """Maximum-likelihood scale s of the diagonal for images x [N, D] under N(loc, PPᵀ + s·diag(d)).
+
+    loc [N, D], cov_factor [N, D, R] or [D, R], cov_diag a scalar ε or [N, D] / [D]. ``bounds`` (low, high): the
+    searched interval of the calibrated ε itself when cov_diag is a scalar (default `EPS_BOUNDS`, 1e-8 … 1), of the
+    multiplier s otherwise (default `SCALE_BOUNDS`, 1e-4 … 1e4). ``grid`` and ``tol``: see `fit_diag_scale`.
+    """
+    diag = torch.as_tensor(cov_diag, dtype=torch.float64)
+    trained_eps = float(diag.reshape(-1)[0]) if _is_scalar_diag(diag) else None
+    stats = diag_scale_statistics(loc, cov_factor, cov_diag, x)
+    return _calibration_from_stats(stats, trained_eps, bounds, grid, tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Using a calibration
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_scale(scale: Any) -> float:
+    if isinstance(scale, Calibration):
+        scale = scale.scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < float(scale) < math.inf:
+        raise ValueError(f"scale: must be a number > 0 (or a Calibration), got {scale!r}")
+    return float(scale)
+
+
+def rescale_diagonal(dist: LowRankNormal, scale: float | Calibration) -> LowRankNormal:
+    """N(μ, PPᵀ + s·diag(d)) from dist = N(μ, PPᵀ + diag(d)): a new LowRankNormal with the same mean and factor;
+    a scalar diagonal stays scalar. ``dist`` must be an unconditioned LowRankNormal (condition the result instead)."""
+    s = _check_scale(scale)
+    if not isinstance(dist, LowRankNormal):
+        raise TypeError(f"dist: calibration applies to a LowRankNormal (the lowrank heads and PPCA), got "
+                        f"{type(dist).__name__}")
+    if dist.observed is not None:
+        raise ValueError("dist: is a conditional; rescale the unconditioned distribution, then condition it")
+    diag = dist.cov_diag
+    diag = diag.reshape(-1)[0] if _is_scalar_diag(diag) else diag
+    return LowRankNormal(dist.loc, dist.cov_factor, diag * s)
+
+
+class DiagScaled(nn.Module):
+    """A VAE whose observation diagonal is multiplied by ``scale``: ``decode(z)`` returns
+    `rescale_diagonal`(model.decode(z), scale); ``encode`` and everything else are the wrapped model's. Satisfies
+    `sosvae_lib.metrics.LatentModel`, so IWAE, inpainting and the figures take it in place of the model."""
+
+    def __init__(self, model: nn.Module, scale: float | Calibration):
+        super().__init__()
+        if getattr(model, "rank", 1) == 0:
+            raise ValueError("model: the pixel-wise diagonal head has no low-rank factor; calibration applies to "
+                             "the lowrank and lowrank-diag heads")
+        self.model = model
+        self.scale = _check_scale(scale)
+
+    def encode(self, x: torch.Tensor):
+        return self.model.encode(x)
+
+    def decode(self, z: torch.Tensor) -> LowRankNormal:
+        return rescale_diagonal(self.model.decode(z), self.scale)
+
+    def prior(self, n: int, device=None):
+        return self.model.prior(n, device)
+
+    def __getattr__(self, name: str):  # latent_dim, rank, image_shape, dim, head_name, ... of the wrapped model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+
+def with_diag_scale(model: nn.Module, calibration: float | Calibration | None) -> nn.Module:
+    """``model`` itself for None (the trained diagonal), else `DiagScaled`(model, calibration): consumers choose."""
+    return model if calibration is None else DiagScaled(model, calibration)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fitting a model and a run
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def calibrate_model(model: nn.Module, images: torch.Tensor, *, batch_size: int = 50, dequantize: bool = True,
+                    generator: torch.Generator | None = None, bounds: tuple[float, float] | None = None,
+                    grid: int = 33, tol: float = 1e-4) -> Calibration:
+    """Fit the diagonal scale of a low-rank VAE on images [N, C, H, W] in [0, 1] (the validation split): the
+    reconstructions p(x | z = m(x)), m(x) the posterior mean, score the (dequantised, if ``dequantize``, with
+    ``generator``) images; see `calibrate_diagonal` for ``bounds``, ``grid``, ``tol``. One decoder pass per image."""
+    from .metrics import dequantize as dequantize_fn
+
+    if getattr(model, "rank", None) == 0:
+        raise ValueError("model: the pixel-wise diagonal head has no low-rank factor; calibration applies to the "
+                         "lowrank and lowrank-diag heads")
+    device = next(model.parameters()).device
+    parts, trained_eps = [], None
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        x_score = dequantize_fn(x, generator) if dequantize else x
+        obs = model.decode(model.encode(x).loc)
+        diag = obs.cov_diag.detach()
+        if _is_scalar_diag(diag):
+            diag = diag.reshape(-1)[0]
+            trained_eps = float(diag)
+        parts.append(diag_scale_statistics(obs.loc.detach(), obs.cov_factor.detach(), diag,
+                                           x_score.reshape(x.shape[0], -1)))
+    if not parts:
+        raise ValueError("images: no images to calibrate on")
+    return _calibration_from_stats(DiagScaleStats.cat(parts), trained_eps, bounds, grid, tol)
+
+
+def calibrate_run(run_dir: str | Path, split: str = "val", num_images: int | None = 200, seed: int = 0,
+                  batch_size: int = 50, device: str = "cpu", write: bool = True,
+                  bounds: tuple[float, float] | None = None) -> Calibration:
+    """Load a training run, fit its diagonal scale on ``num_images`` images of ``split`` (None: all; dequantised as
+    trained, 8-bit data only, noise seeded by ``seed``) and write ``run_dir/calibration.json`` (if ``write``)."""
+    from .checkpoint import atomic_write_json, load_run
+    from .data import load_dataset
+    from .evaluate import stack_images
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run_dir: {run_dir} is not a directory; give the --out folder of a training run")
+    model, config = load_run(run_dir, device=device)
+    extra = {} if num_images is None else dict(max_items=num_images)
+    dataset = load_dataset(config.dataset, split, image_size=config.image_size, root=config.root, **extra)
+    images = stack_images(dataset, num_images)
+    eight_bit = getattr(getattr(dataset, "images", None), "dtype", torch.uint8) == torch.uint8
+    cal = calibrate_model(model, images, batch_size=batch_size, dequantize=bool(config.dequantize and eight_bit),
+                          generator=torch.Generator().manual_seed(seed), bounds=bounds)
+    if write:
+        atomic_write_json(run_dir / CALIBRATION_FILE, dict(cal.to_dict(), split=split, seed=seed))
+    return cal
+
+
+def read_calibration(run_dir: str | Path) -> Calibration | None:
+    """The Calibration stored in ``run_dir/calibration.json`` (by `calibrate_run` or `sosvae_lib.evaluate`), or
+    None when the run has none."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    fields = Calibration.__dataclass_fields__
+    return Calibration(**{k: d[k] for k in fields})
