@@ -614,7 +614,8 @@ def to_rgba(images: torch.Tensor) -> bytes:
 
 
 _CANVAS_ESM = r"""
-// One or more H×W RGBA images drawn enlarged (scale CSS pixels per image pixel, no smoothing), side by side.
+// One or more H×W RGBA images drawn enlarged (scale CSS pixels per image pixel, no smoothing), in a grid of
+// `columns` images per row, `gap` CSS pixels apart.
 // When editable, a left-button drag previews the brush and, on release (or when the pointer leaves), sends
 // {type: "stroke", points: [[x, y], ...], size: [width, height]} in CSS pixels from the canvas' top-left
 // corner; the kernel maps them to pixels (sosvae_lib.editor.screen_to_pixel) and sends back the new image.
@@ -627,12 +628,13 @@ function render({ model, el }) {
   let points = null;
 
   function geometry() {
-    return { h: model.get("height"), w: model.get("width"), n: Math.max(1, model.get("count")),
+    const n = Math.max(1, model.get("count")), cols = Math.max(1, Math.min(n, model.get("columns")));
+    return { h: model.get("height"), w: model.get("width"), n, cols, rows: Math.ceil(n / cols),
              s: model.get("scale"), gap: model.get("gap") };
   }
   function draw() {
-    const { h, w, n, s, gap } = geometry();
-    const W = n * w * s + (n - 1) * gap, H = h * s;
+    const { h, w, n, cols, rows, s, gap } = geometry();
+    const W = cols * w * s + (cols - 1) * gap, H = rows * h * s + (rows - 1) * gap;
     if (canvas.width !== W || canvas.height !== H) { canvas.width = W; canvas.height = H; }
     canvas.style.width = `${W}px`; canvas.style.height = `${H}px`;
     canvas.dataset.editable = String(model.get("editable"));
@@ -646,11 +648,32 @@ function render({ model, el }) {
       ctx.imageSmoothingEnabled = false;
       for (let k = 0; k < n; k++) {
         octx.putImageData(new ImageData(bytes.slice(k * h * w * 4, (k + 1) * h * w * 4), w, h), 0, 0);
-        ctx.drawImage(off, k * (w * s + gap), 0, w * s, h * s);
+        ctx.drawImage(off, (k % cols) * (w * s + gap), Math.floor(k / cols) * (h * s + gap), w * s, h * s);
       }
     }
+    outline();
     version += 1;
     canvas.dataset.version = String(version);
+  }
+  function outline() {  // the border of the painted pixels (`mask`, H·W bytes), over the first image
+    const { h, w, s } = geometry();
+    const mv = model.get("mask");
+    if (!mv || mv.byteLength !== h * w) return;
+    const m = new Uint8Array(mv.buffer, mv.byteOffset, mv.byteLength);
+    const on = (i, j) => i >= 0 && j >= 0 && i < h && j < w && m[i * w + j] !== 0;
+    const ctx = canvas.getContext("2d");
+    ctx.strokeStyle = model.get("outline");
+    ctx.lineWidth = 1;
+    ctx.beginPath();
+    for (let i = 0; i < h; i++) for (let j = 0; j < w; j++) {
+      if (!on(i, j)) continue;
+      const x = j * s, y = i * s;
+      if (!on(i - 1, j)) { ctx.moveTo(x, y + 0.5); ctx.lineTo(x + s, y + 0.5); }
+      if (!on(i + 1, j)) { ctx.moveTo(x, y + s - 0.5); ctx.lineTo(x + s, y + s - 0.5); }
+      if (!on(i, j - 1)) { ctx.moveTo(x + 0.5, y); ctx.lineTo(x + 0.5, y + s); }
+      if (!on(i, j + 1)) { ctx.moveTo(x + s - 0.5, y); ctx.lineTo(x + s - 0.5, y + s); }
+    }
+    ctx.stroke();
   }
   function at(e) {
     const r = canvas.getBoundingClientRect();
@@ -689,7 +712,7 @@ function render({ model, el }) {
   canvas.addEventListener("pointerup", finish);
   canvas.addEventListener("pointerleave", finish);
   canvas.addEventListener("pointercancel", finish);
-  const keys = ["rgba", "height", "width", "count", "scale", "gap", "editable"];
+  const keys = ["rgba", "mask", "outline", "height", "width", "count", "columns", "scale", "gap", "editable"];
   for (const k of keys) model.on(`change:${k}`, draw);
   draw();
   return () => { for (const k of keys) model.off(`change:${k}`, draw); };
@@ -717,8 +740,9 @@ def _canvas_class():
                               "pip install -e '.[notebooks]'") from err
 
         class PixelCanvas(anywidget.AnyWidget):
-            """``count`` H×W RGBA images (``rgba``, `to_rgba` bytes) drawn ``scale``× enlarged, ``gap`` CSS pixels
-            apart; an ``editable`` one sends strokes (see `_CANVAS_ESM`)."""
+            """``count`` H×W RGBA images (``rgba``, `to_rgba` bytes) drawn ``scale``× enlarged, ``columns`` per row,
+            ``gap`` CSS pixels apart; ``mask`` (H·W bytes, empty: none) outlines pixels in the colour ``outline``;
+            an ``editable`` one (a single image) sends strokes (see `_CANVAS_ESM`)."""
 
             _esm = _CANVAS_ESM
             _css = _CANVAS_CSS
@@ -726,6 +750,9 @@ def _canvas_class():
             height = traitlets.Int(1).tag(sync=True)
             width = traitlets.Int(1).tag(sync=True)
             count = traitlets.Int(1).tag(sync=True)
+            columns = traitlets.Int(1).tag(sync=True)
+            mask = traitlets.Bytes(b"").tag(sync=True)
+            outline = traitlets.Unicode("#ff2d2d").tag(sync=True)
             scale = traitlets.Int(8).tag(sync=True)
             gap = traitlets.Int(4).tag(sync=True)
             editable = traitlets.Bool(False).tag(sync=True)
@@ -744,7 +771,7 @@ class EditorUI:
     directions": one slider per principal direction of P Pᵀ (the first ``max_directions``; None: all R) from −3
     to +3 standard deviations around the current image.
 
-    Every handler calls the `Editor` API: a mouse release calls `Editor.screen_stroke` (`_on_canvas_msg`), the
+    The painted pixels are outlined (unless "outline strokes" is unticked). Every handler calls the `Editor` API: a mouse release calls `Editor.screen_stroke` (`_on_canvas_msg`), the
     buttons `undo`, `reset`, `samples`, the switch `set_eps`, the sliders `explore`. ``last_update_ms`` is the
     time of the latest handler, from its call to the new image bytes set on the canvas.
     """
@@ -761,8 +788,9 @@ class EditorUI:
         self.sample_clicks = 0
         self.last_update_ms = float("nan")
         self.canvas = canvas_cls(height=h, width=w, count=1, scale=self.scale, editable=True)
-        self.sample_canvas = canvas_cls(height=h, width=w, count=self.n_samples,
-                                        scale=max(1, self.scale * 2 // 5))
+        columns = math.ceil(math.sqrt(self.n_samples))  # a square grid as tall as the image
+        self.sample_canvas = canvas_cls(height=h, width=w, count=self.n_samples, columns=columns,
+                                        scale=max(1, (self.scale * h - 4 * (columns - 1)) // (columns * h)))
         self.canvas.on_msg(self._on_canvas_msg)
         self.canvas.layout.margin = "0 16px 0 0"
 
@@ -790,6 +818,8 @@ class EditorUI:
         self.eps_switch.disabled = cal is None
         self.eps_switch.observe(self._on_eps, names="value")
         self.status = W.HTML()
+        self.outline_box = W.Checkbox(value=True, description="outline strokes", indent=False)
+        self.outline_box.observe(lambda _: self._draw_mask(), names="value")
         self.width_slider.observe(self._on_brush, names="value")
         self.value_picker.observe(self._on_brush, names="value")
         self._on_brush()
@@ -797,7 +827,7 @@ class EditorUI:
             W.HBox([self.canvas, W.VBox([W.HTML("<b>samples from p(x | strokes)</b>"), self.sample_canvas])],
                    layout=W.Layout(align_items="flex-start")),
             W.HBox([self.width_slider, self.value_picker]),
-            W.HBox([self.undo_button, self.reset_button, self.sample_button]),
+            W.HBox([self.undo_button, self.reset_button, self.sample_button, self.outline_box]),
             self.eps_switch, self.status])
 
         k = editor.rank if max_directions is None else min(editor.rank, check_int("max_directions", max_directions, 1))
@@ -859,6 +889,10 @@ class EditorUI:
         s = self.editor.samples(self.n_samples, self.editor.seed + self.sample_clicks)
         self.sample_canvas.rgba = to_rgba(s)
 
+    def _draw_mask(self) -> None:
+        show = self.outline_box.value and bool(self.editor.strokes)
+        self.canvas.mask = self.editor.mask[0].to(torch.uint8).numpy().tobytes() if show else b""
+
     def _on_slider(self, _change: Any = None) -> None:
         if self.sliders:
             self.explore_canvas.rgba = to_rgba(self.editor.explore([s.value for s in self.sliders]).unsqueeze(0))
@@ -890,6 +924,7 @@ class EditorUI:
         action()
         self.canvas.rgba = to_rgba(self.editor.image.unsqueeze(0))
         self.last_update_ms = 1e3 * (time.perf_counter() - t0)
+        self._draw_mask()
         self._draw_samples()  # the samples shown must come from the new conditional
         if self.tabs.selected_index == 1:
             self._refresh_directions()

@@ -357,7 +357,12 @@ def test_widget_buttons_sliders_and_display():
     ui.zero_button.click()
     assert ui.explore_canvas.rgba == E.to_rgba(ed.image.unsqueeze(0))
     assert "application/vnd.jupyter.widget-view+json" in ui._repr_mimebundle_()
-    assert math.isfinite(ui.last_update_ms) and "0 strokes" in ui.status.value
+    assert math.isfinite(ui.last_update_ms) and "0 strokes" in ui.status.value and ui.canvas.mask == b""
+    ui.tabs.selected_index = 0
+    mouse(ui, [[8.0, 8.0], [30.0, 8.0]], (80, 64), width=1)
+    assert ui.canvas.mask == ed.mask[0].to(torch.uint8).numpy().tobytes() and sum(ui.canvas.mask) == 3
+    ui.outline_box.value = False
+    assert ui.canvas.mask == b""
     rgb = E.Editor(lowrank(shape=(3, 4, 4)), image_shape=(3, 4, 4)).widget()
     rgb.value_picker.value = "#ff8000"
     assert rgb._brush_value() == (1.0, 128 / 255, 0.0)
