@@ -26,6 +26,8 @@ import torch
 
 from . import metrics as M
 from .config import check_int
+from . import faces
+from .calibration import CALIBRATION_FILE, Calibration, calibrate_model, rescale_diagonal
 from .pca import PCAModel, fit_pca
 
 # Cost: about k + 2 decoder passes per test image (k importance samples, the reconstruction, one prior draw); a
@@ -42,6 +44,10 @@ DEFAULTS: dict[str, Any] = dict(
     pca=True,           # also score the PPCA baseline of the same rank (keys prefixed "pca_")
     pca_train_items=2000,  # training images used to fit the baseline (deterministic subset)
     dequantize=None,    # None: as the run was trained (TrainConfig.dequantize), and only for 8-bit data
+    calibrate=True,     # fit the diagonal scale of a low-rank head on the val split (sosvae_lib.calibration)
+    calibration_images=None,  # val images for the calibration; None = as many as num_images (the whole split if None)
+    faces=True,         # face metrics of 3-channel data when facenet-pytorch is installed (sosvae_lib.faces)
+    face_images=100,    # generated and real images given to the face detector (~0.1 s each)
     device="cpu",       # "cpu", "cuda", "cuda:N" or "auto"
     progress=True,      # tqdm bars on stderr
     write=True,         # write run_dir/eval_<split>.json
@@ -59,10 +65,11 @@ def _check_options(split: str, options: dict[str, Any]) -> dict[str, Any]:
 
     for name in ("k", "batch_size", "patch", "pca_train_items"):
         check_int(name, o[name], 1)
-    for name in ("num_images", "num_samples"):
+    for name in ("num_images", "num_samples", "calibration_images"):
         check_int(name, o[name], 1, allow_none=True)
+    check_int("face_images", o["face_images"], 2)
     check_int("seed", o["seed"], 0)
-    for name in ("pca", "progress", "write"):
+    for name in ("pca", "progress", "write", "calibrate", "faces"):
         if not isinstance(o[name], bool):
             raise ValueError(f"{name}: must be True or False, got {o[name]!r}")
     if o["dequantize"] is not None and not isinstance(o["dequantize"], bool):
@@ -73,7 +80,7 @@ def _check_options(split: str, options: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
-def _stack_images(dataset, limit: int | None) -> torch.Tensor:
+def stack_images(dataset, limit: int | None) -> torch.Tensor:
     """The first ``limit`` items of a dataset as one float tensor [N, C, H, W]."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     items = []
@@ -86,41 +93,68 @@ def _stack_images(dataset, limit: int | None) -> torch.Tensor:
 
 
 class _Scores:
-    """Running sums of the per-image metrics of observation distributions p(x | z(x)) on test images."""
+    """Running sums of the per-image metrics of observation distributions p(x | z(x)) on test images: residual
+    statistics, and the inpainting sums of every mask family (`M.INPAINT_FAMILIES`) at the trained diagonal and,
+    when given, at the calibrated one (suffix ``_cal``)."""
 
     def __init__(self) -> None:
         self.captured = 0.0
         self.energy = 0.0
-        self.inpaint = {tag: dict(sq_uncond=0.0, sq_cond=0.0, nll=0.0, nll_uncond=0.0, hidden=0) for tag in ("", "_maxvar")}
+        self.inpaint: dict[str, dict[str, float]] = {}
         self.residuals: list[torch.Tensor] = []
 
-    def add(self, obs: Any, x: torch.Tensor, x_score: torch.Tensor, corners: tuple[torch.Tensor, torch.Tensor],
-            image_shape: tuple[int, int, int], patch: int) -> None:
-        """obs: batch [B] over D; x [B, D] clean images; x_score [B, D] the (dequantised) images that are scored."""
+    def add(self, obs: Any, x: torch.Tensor, x_score: torch.Tensor, masks: dict[str, torch.Tensor],
+            obs_cal: Any = None) -> None:
+        """obs: batch [B] over D; x [B, D] clean images; x_score [B, D] the (dequantised) images that are scored;
+        masks {family: observed [B, D]}; obs_cal: obs with the calibrated diagonal (or None)."""
         residual = (x - obs.loc).detach()
         self.residuals.append(residual.float().cpu())
         self.captured += float(M.projected_energy(residual, obs.cov_factor.detach()).sum())
         self.energy += float((residual.double() ** 2).sum())
-        maxvar = M.most_uncertain_patch(obs.variance, image_shape, patch)
-        for tag, (tops, lefts) in (("", corners), ("_maxvar", maxvar)):
-            mask = M.patch_masks(image_shape, tops, lefts, patch).to(x.device)
-            out = M.inpaint(obs, x_score, mask)
-            acc = self.inpaint[tag]
-            acc["sq_uncond"] += float(out.sq_err_uncond.sum())
-            acc["sq_cond"] += float(out.sq_err_cond.sum())
-            acc["nll"] += float(out.hidden_nll.sum())
-            acc["nll_uncond"] += float(out.hidden_nll_uncond.sum())
-            acc["hidden"] += int(out.num_hidden.sum())
+        for suffix, dist in (("", obs), ("_cal", obs_cal)):
+            if dist is None:
+                continue
+            for family, mask in masks.items():
+                out = M.inpaint(dist, x_score, mask.to(x.device))
+                acc = self.inpaint.setdefault(family + suffix, dict(sq_uncond=0.0, sq_cond=0.0, nll=0.0,
+                                                                    nll_uncond=0.0, hidden=0))
+                acc["sq_uncond"] += float(out.sq_err_uncond.sum())
+                acc["sq_cond"] += float(out.sq_err_cond.sum())
+                acc["nll"] += float(out.hidden_nll.sum())
+                acc["nll_uncond"] += float(out.hidden_nll_uncond.sum())
+                acc["hidden"] += int(out.num_hidden.sum())
 
     def result(self, image_shape: tuple[int, int, int]) -> dict[str, float]:
         out = dict(residual_corr_data=M.lag1_correlation(torch.cat(self.residuals), image_shape),
                    span_capture=self.captured / self.energy if self.energy > 0 else float("nan"))
-        for tag, acc in self.inpaint.items():
-            out[f"inpaint_rmse_uncond{tag}"] = math.sqrt(acc["sq_uncond"] / acc["hidden"])
-            out[f"inpaint_rmse_cond{tag}"] = math.sqrt(acc["sq_cond"] / acc["hidden"])
-            out[f"inpaint_nll_bpd{tag}"] = float(M.bits_per_dim(acc["nll"], acc["hidden"]))
-            out[f"inpaint_nll_bpd_uncond{tag}"] = float(M.bits_per_dim(acc["nll_uncond"], acc["hidden"]))
+        for family in M.INPAINT_FAMILIES:
+            for suffix in ("", "_cal"):
+                acc = self.inpaint.get(family + suffix)
+                if acc is None:
+                    continue
+                if not suffix:  # μ does not depend on the diagonal: one unconditional RMSE per family
+                    out[f"inpaint_rmse_uncond_{family}"] = math.sqrt(acc["sq_uncond"] / acc["hidden"])
+                out[f"inpaint_rmse_cond_{family}{suffix}"] = math.sqrt(acc["sq_cond"] / acc["hidden"])
+                out[f"inpaint_nll_bpd_uncond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll_uncond"], acc["hidden"]))
+                out[f"inpaint_nll_bpd_cond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll"], acc["hidden"]))
+        # the keys of the first version of these metrics: the revealed patch (random / most uncertain)
+        for family, tag in (("patch10", ""), ("patch10_maxvar", "_maxvar")):
+            if f"inpaint_rmse_uncond_{family}" in out:
+                out[f"inpaint_rmse_uncond{tag}"] = out[f"inpaint_rmse_uncond_{family}"]
+                out[f"inpaint_rmse_cond{tag}"] = out[f"inpaint_rmse_cond_{family}"]
+                out[f"inpaint_nll_bpd{tag}"] = out[f"inpaint_nll_bpd_cond_{family}"]
+                out[f"inpaint_nll_bpd_uncond{tag}"] = out[f"inpaint_nll_bpd_uncond_{family}"]
         return out
+
+
+def calibrated_keys() -> tuple[str, ...]:
+    """The result keys that exist only at a calibrated diagonal (None for the pixel-wise head or without
+    calibration): the test NLL and the conditional inpainting numbers with suffix ``_cal``."""
+    keys = ["test_nll_bpd_calibrated"]
+    for family in M.INPAINT_FAMILIES:
+        keys += [f"inpaint_rmse_cond_{family}_cal", f"inpaint_nll_bpd_uncond_{family}_cal",
+                 f"inpaint_nll_bpd_cond_{family}_cal"]
+    return tuple(keys)
 
 
 def _check_patch(patch: int, image_shape: tuple[int, ...]) -> None:
@@ -145,27 +179,36 @@ def _span_angle(factors: list[torch.Tensor], truth: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, num_samples: int | None = None,
                    batch_size: int = 50, patch: int = 10, seed: int = 0, dequantize: bool = True,
-                   true_factor: torch.Tensor | None = None, progress: bool = False) -> dict[str, Any]:
+                   true_factor: torch.Tensor | None = None, diag_scale: float | None = None,
+                   face_reference: dict[str, Any] | None = None, face_images: int = 100,
+                   progress: bool = False) -> dict[str, Any]:
     """Every metric of a VAE (`sosvae_lib.model.VAE` or anything with ``encode``/``decode``) on test images
     [N, C, H, W] in [0, 1]; see the module docstring and `evaluate` for the keys. ``true_factor`` [D, R*] adds
-    ``span_angle_deg`` (synthetic data)."""
+    ``span_angle_deg`` (synthetic data). ``diag_scale`` s (a calibration, `sosvae_lib.calibration`) adds the keys of
+    `calibrated_keys` at the diagonal s·d (IWAE from the same importance samples); None sets them to None.
+    ``face_reference`` (`sosvae_lib.faces.face_reference`) adds the face metrics of the first ``face_images``
+    generated means and samples."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    n, image_shape, d, gen, corners, scores = _setup(images, patch, seed)
-    ll, elbo, kl, factors = [], [], [], []
+    n, image_shape, d, gen, masks, scores = _setup(images, patch, seed)
+    rescale = None if diag_scale is None else (lambda dist: rescale_diagonal(dist, diag_scale))
+    ll, ll_cal, elbo, kl, factors = [], [], [], [], []
     bar = tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].to(device)
         b = x.shape[0]
         x_score = M.dequantize(x, gen) if dequantize else x
-        bound = M.iwae_log_likelihood(model, x_score, k=k, generator=gen)
+        bound = M.iwae_log_likelihood(model, x_score, k=k, generator=gen,
+                                      variants=None if rescale is None else dict(calibrated=rescale))
         ll.append(bound["log_likelihood"].cpu())
+        if rescale is not None:
+            ll_cal.append(bound["log_likelihood_calibrated"].cpu())
         elbo.append(bound["elbo"].cpu())
         kl.append(bound["kl"].cpu())
         obs = model.decode(model.encode(x).loc)
-        sl = slice(start, start + b)
-        scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), (corners[0][sl], corners[1][sl]), image_shape, patch)
+        scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), masks(start, obs),
+                   None if rescale is None else rescale(obs))
         if true_factor is not None and obs.cov_factor.shape[-1] > 0:
             factors += list(obs.cov_factor.detach().double().cpu())
         bar.update(b)
@@ -174,6 +217,9 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(nll.mean(), d)),
                                elbo_bpd=float(M.bits_per_dim(-torch.cat(elbo).mean(), d)),
                                iwae_k=k, kl_nats=float(torch.cat(kl).mean()))
+    out.update(dict.fromkeys(calibrated_keys()))
+    if ll_cal:
+        out["test_nll_bpd_calibrated"] = float(M.bits_per_dim(-torch.cat(ll_cal).mean(), d))
     out.update(scores.result(image_shape))
 
     m = num_samples if num_samples is not None else min(n, 500)
@@ -184,21 +230,46 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
         obs = model.decode(z)
         means.append(obs.loc.detach().cpu())
         samples.append(_draw(obs, gen).cpu())
-    out.update(_generation_metrics(torch.cat(means), torch.cat(samples), images.reshape(n, d).cpu(), image_shape))
+    means_t, samples_t = torch.cat(means), torch.cat(samples)
+    out.update(_generation_metrics(means_t, samples_t, images.reshape(n, d).cpu(), image_shape))
+    if face_reference is not None:
+        out.update(_face_metrics(means_t[:face_images], samples_t[:face_images], image_shape, face_reference))
     if factors:
         out["span_angle_deg"] = _span_angle(factors, true_factor.double().cpu())
     return out
 
 
+def _face_metrics(means: torch.Tensor | None, samples: torch.Tensor, image_shape: tuple[int, int, int],
+                  reference: dict[str, Any]) -> dict[str, float]:
+    """`sosvae_lib.faces.face_scores` of flattened generated images (clamped to [0, 1] for the detector)."""
+    from . import faces
+    shape = (-1, *image_shape)
+    return faces.face_scores(None if means is None else means.reshape(shape).clamp(0, 1),
+                             samples.reshape(shape).clamp(0, 1), reference, reference.get("net"))
+
+
 def _setup(images: torch.Tensor, patch: int, seed: int):
     """What every evaluation of test images [N, C, H, W] starts from: (N, (C, H, W), D, the seeded generator,
-    the random patch corners drawn from it first, an empty score accumulator)."""
+    masks, an empty score accumulator). The random patch corners and then the random50 masks are drawn from the
+    generator first; ``masks(start, obs)`` gives {family: observed [B, D]} for the images start … start + B − 1 with
+    observation distributions ``obs`` (whose variance places the patch10_maxvar square)."""
     n = images.shape[0]
     image_shape = tuple(images.shape[1:])
     _check_patch(patch, image_shape)
     gen = torch.Generator().manual_seed(seed)
     corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
-    return n, image_shape, math.prod(image_shape), gen, corners, _Scores()
+    random50 = M.random_pixel_masks(n, image_shape, 0.5, generator=gen)
+
+    def masks(start: int, obs: Any) -> dict[str, torch.Tensor]:
+        b = obs.loc.shape[0]
+        sl = slice(start, start + b)
+        return dict(random50=random50[sl],
+                    patch10=M.patch_masks(image_shape, corners[0][sl], corners[1][sl], patch),
+                    patch10_maxvar=M.patch_masks(image_shape, *M.most_uncertain_patch(obs.variance, image_shape, patch),
+                                                 patch),
+                    top_half=M.half_masks(b, image_shape, "top"), left_half=M.half_masks(b, image_shape, "left"))
+
+    return n, image_shape, math.prod(image_shape), gen, masks, _Scores()
 
 
 def _draw(obs: Any, gen: torch.Generator) -> torch.Tensor:
@@ -213,11 +284,14 @@ def _draw(obs: Any, gen: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None = None, batch_size: int = 50,
                  patch: int = 10, seed: int = 0, dequantize: bool = True,
-                 true_factor: torch.Tensor | None = None) -> dict[str, Any]:
+                 true_factor: torch.Tensor | None = None, face_reference: dict[str, Any] | None = None,
+                 face_images: int = 100) -> dict[str, Any]:
     """The metrics of `evaluate_model` that apply to a global PPCA (`sosvae_lib.pca.fit_pca`) on test images
     [N, C, H, W]: test_nll_bpd is exact (no latent, so no IWAE, ELBO or KL); residuals are x − m; samples are
-    draws of N(m, WWᵀ + σ²I) and the generated "means" are the single global mean."""
-    n, image_shape, d, gen, corners, scores = _setup(images, patch, seed)
+    draws of N(m, WWᵀ + σ²I) and the generated "means" are the single global mean. σ² is the maximum-likelihood
+    value (already calibrated): the calibrated keys repeat the trained ones, ``eps_calibrated`` = σ² and
+    ``diag_scale_calibrated`` = 1."""
+    n, image_shape, d, gen, masks, scores = _setup(images, patch, seed)
     nll = []
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].reshape(-1, d).double()
@@ -225,14 +299,17 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
         x_score = M.dequantize(x, gen) if dequantize else x
         dist = fit.distribution(b, dtype=torch.float64)
         nll.append(-dist.log_prob(x_score))
-        sl = slice(start, start + b)
-        scores.add(dist, x, x_score, (corners[0][sl], corners[1][sl]), image_shape, patch)
+        scores.add(dist, x, x_score, masks(start, dist))
     out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(torch.cat(nll).mean(), d)))
     out.update(scores.result(image_shape))
+    out.update({key: out[key.removesuffix("_cal").replace("_calibrated", "")] for key in calibrated_keys()})
+    out.update(eps_calibrated=fit.noise_var, diag_scale_calibrated=1.0)
     m = num_samples if num_samples is not None else min(n, 500)
     dist = fit.distribution(m, dtype=torch.float64)
     samples = _draw(dist, gen)
     out.update(_generation_metrics(dist.loc, samples, images.reshape(n, d).double(), image_shape))
+    if face_reference is not None:
+        out.update(_face_metrics(dist.loc[:1], samples[:face_images], image_shape, face_reference))
     if true_factor is not None:
         out["span_angle_deg"] = M.span_angle_deg(fit.components, true_factor.double())
     out["explained_variance_ratio"] = fit.explained_variance_ratio
@@ -247,16 +324,25 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     deterministic subset; None = all), ``num_samples`` prior draws for the generation metrics (None = as many as images scored),
     ``batch_size`` (50), ``patch`` side of the revealed square (10), ``seed`` (0; seeds all randomness, so a
     repeated call gives identical numbers), ``pca`` also score the PPCA baseline (True), ``pca_train_items``
-    training images for the baseline (2000), ``dequantize`` (None = as trained), ``device`` ("cpu"),
-    ``progress`` (tqdm), ``write`` (True).
+    training images for the baseline (2000), ``dequantize`` (None = as trained), ``calibrate`` fit the diagonal
+    scale on the val split (True; low-rank heads), ``calibration_images`` (None = num_images), ``faces`` face
+    metrics for 3-channel data when facenet-pytorch is installed (True), ``face_images`` (100), ``device``
+    ("cpu"), ``progress`` (tqdm), ``write`` (True; also writes ``run_dir/calibration.json``).
 
     Keys: test_nll_bpd (IWAE, k samples), elbo_bpd, iwae_k, kl_nats, target_kl, residual_corr_samples,
-    residual_corr_data, span_capture, inpaint_rmse_uncond, inpaint_rmse_cond, inpaint_nll_bpd (random patches;
-    conditional NLL of the hidden pixels), inpaint_nll_bpd_uncond (their marginal NLL), the same four with suffix
-    ``_maxvar`` (the patch of largest marginal variance), spectrum_dist_mean,
-    spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's keys prefixed
-    ``pca_``, and dataset, head, rank, latent, epochs, complete (summary.json says the run finished),
-    train_seconds, split, num_images, dequantized, seed, eval_seconds.
+    residual_corr_data, span_capture; for each mask family f of `sosvae_lib.metrics.INPAINT_FAMILIES` (random50,
+    patch10, patch10_maxvar, top_half, left_half: the named region observed, the rest hidden and scored)
+    inpaint_rmse_uncond_f, inpaint_rmse_cond_f, inpaint_nll_bpd_uncond_f, inpaint_nll_bpd_cond_f and the last
+    three with suffix ``_cal`` (at the calibrated diagonal); the first version's keys inpaint_rmse_uncond,
+    inpaint_rmse_cond, inpaint_nll_bpd, inpaint_nll_bpd_uncond (= patch10) and the same with ``_maxvar``
+    (= patch10_maxvar); eps_calibrated (lowrank: the fitted ε), diag_scale_calibrated (the multiplier s of the
+    trained diagonal), val_recon_nll_bpd and val_recon_nll_bpd_calibrated (reconstruction NLL of the val images
+    at s = 1 and at s), calibration_images, test_nll_bpd_calibrated (IWAE at s·d) — all None for the diagonal
+    head; for CelebA-like 3-channel data with facenet-pytorch: face_rate_real, face_rate_blur2, fd_blur2,
+    face_rate_means, face_rate_samples, fd_means, fd_samples (`sosvae_lib.faces`; fd is not FID);
+    spectrum_dist_mean, spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's
+    keys prefixed ``pca_``, and dataset, head, rank, latent, epochs, complete (summary.json says the run
+    finished), train_seconds, split, num_images, dequantized, seed, eval_seconds.
     """
     from .checkpoint import SUMMARY, atomic_write_json, load_run
     from .data import load_dataset
@@ -274,7 +360,7 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     data_options: dict[str, Any] = {} if o["num_images"] is None else dict(max_items=o["num_images"])
     dataset = load_dataset(config.dataset, split, image_size=config.image_size, root=config.root, **data_options)
-    images = _stack_images(dataset, o["num_images"])
+    images = stack_images(dataset, o["num_images"])
     # Only 8-bit data are dequantised (a float data set such as `synthetic` is scored as it is).
     eight_bit = getattr(getattr(dataset, "images", None), "dtype", torch.uint8) == torch.uint8
     dequantize = (config.dequantize and eight_bit) if o["dequantize"] is None else o["dequantize"]
@@ -282,8 +368,23 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     true_factor = truth["cov_factor"] if isinstance(truth, dict) and "cov_factor" in truth else None
 
     torch.manual_seed(o["seed"])  # anything inside the model that draws from the global generator
+    calibration = None
+    if o["calibrate"] and model.rank > 0:
+        cal_images = o["calibration_images"] or o["num_images"]
+        val_set = load_dataset(config.dataset, "val", image_size=config.image_size, root=config.root,
+                               **({} if cal_images is None else dict(max_items=cal_images)))
+        calibration = calibrate_model(model, stack_images(val_set, cal_images).to(device),
+                                      batch_size=o["batch_size"], dequantize=dequantize,
+                                      generator=torch.Generator().manual_seed(o["seed"]))
+        if o["write"]:
+            atomic_write_json(run_dir / CALIBRATION_FILE, dict(calibration.to_dict(), split="val", seed=o["seed"]))
+    face_ref = None
+    if o["faces"] and images.shape[1] == 3 and faces.available():
+        net = faces.FaceNet(device=device)
+        face_ref = dict(faces.face_reference(images[:o["face_images"]], net), net=net)
     common = dict(num_samples=o["num_samples"], batch_size=o["batch_size"], patch=o["patch"], seed=o["seed"],
-                  dequantize=dequantize, true_factor=true_factor)
+                  dequantize=dequantize, true_factor=true_factor, face_reference=face_ref,
+                  face_images=o["face_images"])
     result: dict[str, Any] = dict(dataset=config.dataset, head=config.head, rank=int(model.rank),
                                   latent=int(config.latent), split=split, num_images=int(images.shape[0]),
                                   dequantized=bool(dequantize), seed=o["seed"],
@@ -291,13 +392,17 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
                                   epochs=int(summary.get("epochs", config.epochs)),
                                   complete=bool(summary.get("complete", False)),
                                   train_seconds=summary.get("train_seconds"))
-    result.update(evaluate_model(model, images, k=o["k"], progress=o["progress"], **common))
+    result.update(_calibration_keys(calibration))
+    if face_ref is not None:
+        result.update({key: value for key, value in face_ref.items() if key not in ("features", "net")})
+    result.update(evaluate_model(model, images, k=o["k"], progress=o["progress"],
+                                 diag_scale=None if calibration is None else calibration.scale, **common))
     if o["pca"]:
         rank = int(model.rank) if model.rank > 0 else int(config.rank)
         train_options: dict[str, Any] = dict(max_items=min(o["pca_train_items"], config.max_items or o["pca_train_items"]))
         train_set = load_dataset(config.dataset, "train", image_size=config.image_size, root=config.root,
                                  augment=False, **train_options)
-        train_images = _stack_images(train_set, train_options["max_items"])
+        train_images = stack_images(train_set, train_options["max_items"])
         rank = min(rank, min(train_images.shape[0], math.prod(train_images.shape[1:])) - 1)
         fit = fit_pca(train_images.reshape(train_images.shape[0], -1), rank, seed=o["seed"])
         base = evaluate_pca(fit, images, **common)
@@ -307,6 +412,15 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     if o["write"]:
         atomic_write_json(run_dir / f"eval_{split}.json", result)
     return result
+
+
+def _calibration_keys(cal: Calibration | None) -> dict[str, Any]:
+    """The result keys of a calibration (None for each when there is none: the diagonal head, calibrate=False)."""
+    return dict(eps_calibrated=None if cal is None else cal.eps,
+                diag_scale_calibrated=None if cal is None else cal.scale,
+                val_recon_nll_bpd=None if cal is None else cal.bpd_trained,
+                val_recon_nll_bpd_calibrated=None if cal is None else cal.bpd_calibrated,
+                calibration_images=None if cal is None else cal.num_images)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pca", action="store_true", help="skip the PPCA baseline")
     p.add_argument("--pca-train-items", type=int, default=DEFAULTS["pca_train_items"])
     p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--no-calibrate", action="store_true", help="skip the calibration of the diagonal on the val split")
+    p.add_argument("--calibration-images", type=int, default=None, help="val images for the calibration")
+    p.add_argument("--no-faces", action="store_true", help="skip the face metrics (3-channel data, facenet-pytorch)")
+    p.add_argument("--face-images", type=int, default=DEFAULTS["face_images"],
+                   help="images given to the face detector")
     p.add_argument("--device", default=DEFAULTS["device"])
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -336,7 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                           num_images=None if args.num_images == 0 else args.num_images,
                           num_samples=args.num_samples, batch_size=args.batch_size, patch=args.patch,
                           seed=args.seed, pca=not args.no_pca, pca_train_items=args.pca_train_items,
-                          dequantize=args.dequantize, device=args.device, progress=not args.no_progress)
+                          dequantize=args.dequantize, device=args.device, progress=not args.no_progress,
+                          calibrate=not args.no_calibrate, calibration_images=args.calibration_images,
+                          faces=not args.no_faces, face_images=args.face_images)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,16 +19,27 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .checkpoint import atomic_write_text
 
-# The columns of metrics.csv, in order (issue 6); the extra keys below follow them.
+# The columns of metrics.csv, in order (issue 6); then the calibration and the inpainting mask families (issue 12);
+# the extra keys below follow them. `sosvae_lib.reproduce` re-evaluates a run whose eval_test.json lacks one of COLUMNS.
+INPAINT_FAMILIES = ("random50", "patch10", "patch10_maxvar", "top_half", "left_half")  # = metrics.INPAINT_FAMILIES
+INPAINT_COLUMNS = tuple(key for f in INPAINT_FAMILIES for key in (
+    f"inpaint_rmse_uncond_{f}", f"inpaint_rmse_cond_{f}", f"inpaint_rmse_cond_{f}_cal",
+    f"inpaint_nll_bpd_uncond_{f}", f"inpaint_nll_bpd_cond_{f}", f"inpaint_nll_bpd_uncond_{f}_cal",
+    f"inpaint_nll_bpd_cond_{f}_cal"))
 COLUMNS = ("dataset", "head", "rank", "latent", "epochs", "test_nll_bpd", "elbo_bpd", "kl_nats", "target_kl",
            "residual_corr_samples", "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond",
-           "spectrum_dist_mean", "spectrum_dist_samples", "train_seconds")
+           "spectrum_dist_mean", "spectrum_dist_samples", "train_seconds",
+           "eps_calibrated", "diag_scale_calibrated", "test_nll_bpd_calibrated") + INPAINT_COLUMNS
+# Face metrics (CelebA with facenet-pytorch only; `sosvae_lib.faces`; fd_* are Fréchet distances in MTCNN O-net
+# features, not FID): reference rates of real and blurred test images, then the generated means and samples.
+FACE_REFERENCE_COLUMNS = ("face_rate_real", "face_rate_blur2", "fd_blur2")
+FACE_COLUMNS = FACE_REFERENCE_COLUMNS + ("face_rate_means", "face_rate_samples", "fd_means", "fd_samples")
 EXTRA_COLUMNS = ("inpaint_nll_bpd", "inpaint_rmse_uncond_maxvar", "inpaint_rmse_cond_maxvar", "span_angle_deg",
-                 "iwae_k", "num_images", "run")
+                 "val_recon_nll_bpd", "val_recon_nll_bpd_calibrated") + FACE_COLUMNS + ("iwae_k", "num_images", "run")
 # The Markdown table: the numbers behind the paper's claims, lowrank against diagonal.
-MARKDOWN_COLUMNS = ("dataset", "head", "rank", "test_nll_bpd", "residual_corr_samples", "residual_corr_data",
-                    "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond", "spectrum_dist_samples",
-                    "train_seconds")
+MARKDOWN_COLUMNS = ("dataset", "head", "rank", "test_nll_bpd", "test_nll_bpd_calibrated", "residual_corr_samples",
+                    "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond",
+                    "spectrum_dist_samples", "train_seconds")
 HEAD_ORDER = {"lowrank": 0, "lowrank-diag": 1, "diagonal": 2, "pca": 3}
 
 
@@ -41,6 +52,7 @@ def rows_from_eval(result: Mapping[str, Any], run: str = "") -> list[dict[str, A
         pca = {k: result.get(f"pca_{k}") for k in COLUMNS + EXTRA_COLUMNS}
         pca.update(dataset=result.get("dataset"), head="pca", rank=result.get("pca_rank"), latent=None,
                    epochs=None, train_seconds=None, run=run)
+        pca.update({k: result.get(k) for k in FACE_REFERENCE_COLUMNS})  # the same real test images
         rows.append(pca)
     return rows
 

@@ -244,6 +244,87 @@ def test_most_uncertain_patch_and_random_corners():
         M.patch_masks((1, 8, 8), t[:1], l[:1], size=10)
 
 
+def test_random_pixel_and_half_masks():
+    shape = (3, 5, 7)  # odd sides: halves are the floor
+    m = M.random_pixel_masks(4, shape, 0.5, generator=torch.Generator().manual_seed(0))
+    grid = m.reshape(4, 3, 5, 7)
+    assert (grid.sum((2, 3)) == 17).all()  # exactly ⌊35/2⌋ positions per image and channel
+    assert (grid == grid[:, :1]).all()  # a position is observed in all channels together
+    assert not torch.equal(grid[0], grid[1])  # independent per image
+    again = M.random_pixel_masks(4, shape, 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m, again)
+    top = M.half_masks(2, shape, "top").reshape(2, 3, 5, 7)
+    assert top[:, :, :2].all() and not top[:, :, 2:].any()
+    left = M.half_masks(2, shape, "left").reshape(2, 3, 5, 7)
+    assert left[..., :3].all() and not left[..., 3:].any()
+    with pytest.raises(ValueError, match="^side:"):
+        M.half_masks(1, shape, "bottom")
+    with pytest.raises(ValueError, match="^fraction:"):
+        M.random_pixel_masks(1, shape, 1.5)
+
+
+def _family_masks(family: str, dist, shape, gen):
+    b = dist.loc.shape[0]
+    if family == "random50":
+        return M.random_pixel_masks(b, shape, 0.5, generator=gen)
+    if family == "patch10":
+        return M.patch_masks(shape, *M.random_patch_corners(b, shape, 10, generator=gen), 10)
+    if family == "patch10_maxvar":
+        return M.patch_masks(shape, *M.most_uncertain_patch(dist.variance, shape, 10), 10)
+    return M.half_masks(b, shape, family.removesuffix("_half"))
+
+
+@pytest.mark.parametrize("family", M.INPAINT_FAMILIES)
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+def test_inpaint_families_equal_dense_closed_form(family, eps):
+    """Each mask family on a planted low-rank Gaussian (2×12×12, R = 4, a different μ and P per image): conditional
+    mean, conditional and marginal NLL of the hidden pixels and the squared errors equal the dense float64
+    Gaussian conditional, at the paper's ε and at a calibrated-size one."""
+    gen = torch.Generator().manual_seed(13)
+    shape, b, r = (2, 12, 12), 3, 4
+    d = 288
+    loc = torch.rand(b, d, generator=gen, dtype=torch.float64)
+    factor = 0.2 * torch.randn(b, d, r, generator=gen, dtype=torch.float64)
+    dist = LowRankNormal(loc, factor, torch.tensor(eps, dtype=torch.float64))
+    x = loc + (factor @ torch.randn(b, r, 1, generator=gen, dtype=torch.float64)).squeeze(-1)
+    x = x + 0.05 * torch.randn(b, d, generator=gen, dtype=torch.float64)  # residual outside span(P)
+    mask = _family_masks(family, dist, shape, gen)
+    out = M.inpaint(dist, x, mask)
+    for i in range(b):
+        cov = factor[i] @ factor[i].T + eps * torch.eye(d, dtype=torch.float64)
+        h, mean_h, logp = _dense_conditional(loc[i], cov, mask[i], x[i])
+        assert torch.allclose(out.cond_mean[i, h], mean_h, atol=1e-8, rtol=1e-8)
+        assert float(out.hidden_nll[i]) == pytest.approx(float(-logp), rel=1e-7, abs=1e-5)
+        marginal = torch.distributions.MultivariateNormal(loc[i, h], cov[h][:, h]).log_prob(x[i, h])
+        assert float(out.hidden_nll_uncond[i]) == pytest.approx(float(-marginal), rel=1e-7, abs=1e-5)
+        assert float(out.sq_err_cond[i]) == pytest.approx(float(((x[i, h] - mean_h) ** 2).sum()), rel=1e-8)
+        assert float(out.sq_err_uncond[i]) == pytest.approx(float(((x[i, h] - loc[i, h]) ** 2).sum()), rel=1e-12)
+        assert int(out.num_hidden[i]) == h.numel()
+    expected_hidden = dict(random50=72, patch10=44, patch10_maxvar=44, top_half=72, left_half=72)[family]  # of 144
+    assert out.num_hidden.tolist() == [2 * expected_hidden] * b
+
+
+# ------------------------------------------------------------------------------------------------- Fréchet distance
+
+def test_frechet_distance_known_answers():
+    gen = torch.Generator().manual_seed(14)
+    a = torch.randn(500, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    shift = torch.tensor([1.0, -2.0, 0.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    assert M.frechet_distance(a, a + shift) == pytest.approx(float((shift ** 2).sum()), rel=1e-9)
+    centred = a - a.mean(0)
+    # b = 2a: (√1 − √4)² per eigenvalue, so d² = tr S
+    assert M.frechet_distance(centred, 2 * centred) == pytest.approx(float(torch.trace(torch.cov(centred.T))), rel=1e-9)
+    # general case against tr (S_a S_b)^{1/2} from the (real, non-negative) eigenvalues of the product S_a S_b
+    b = torch.randn(300, 6, generator=gen, dtype=torch.float64) * torch.arange(1, 7, dtype=torch.float64) + 0.3
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    cross = torch.linalg.eigvals(sa @ sb).real.clamp_min(0).sqrt().sum()
+    ref = float(((a.mean(0) - b.mean(0)) ** 2).sum() + torch.trace(sa) + torch.trace(sb) - 2 * cross)
+    assert M.frechet_distance(a, b) == pytest.approx(ref, rel=1e-9)
+    with pytest.raises(ValueError, match="^a, b:"):
+        M.frechet_distance(a, b[:, :5])
+
+
 # ------------------------------------------------------------------------------------------------- spectrum
 
 def test_spectrum_white_noise():
@@ -304,7 +385,12 @@ EVAL_KEYS = ("test_nll_bpd", "elbo_bpd", "iwae_k", "kl_nats", "target_kl", "resi
              "inpaint_rmse_uncond_maxvar", "inpaint_rmse_cond_maxvar", "inpaint_nll_bpd_maxvar",
              "inpaint_nll_bpd_uncond", "inpaint_nll_bpd_uncond_maxvar",
              "spectrum_dist_mean", "spectrum_dist_samples", "dataset", "head", "rank", "latent", "epochs",
-             "train_seconds")
+             "train_seconds", "eps_calibrated", "diag_scale_calibrated", "test_nll_bpd_calibrated",
+             "val_recon_nll_bpd", "val_recon_nll_bpd_calibrated") + tuple(
+    key for f in M.INPAINT_FAMILIES for key in (
+        f"inpaint_rmse_uncond_{f}", f"inpaint_rmse_cond_{f}", f"inpaint_rmse_cond_{f}_cal",
+        f"inpaint_nll_bpd_uncond_{f}", f"inpaint_nll_bpd_cond_{f}", f"inpaint_nll_bpd_uncond_{f}_cal",
+        f"inpaint_nll_bpd_cond_{f}_cal"))
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +425,22 @@ def test_evaluate_lowrank_run(smoke_runs):
     assert out["test_nll_bpd"] <= out["elbo_bpd"] + 1e-6
     assert 0.0 < out["span_capture"] < 1.0 and 0.0 < out["pca_span_capture"] < 1.0
     assert out["pca_rank"] == 2 and math.isfinite(out["pca_test_nll_bpd"])
+    # calibration on the val split: ε moves up from the trained 1e-5 and every NLL improves
+    assert out["diag_scale_calibrated"] > 1 and out["eps_calibrated"] == pytest.approx(1e-5 * out["diag_scale_calibrated"])
+    assert out["val_recon_nll_bpd_calibrated"] < out["val_recon_nll_bpd"]
+    assert out["test_nll_bpd_calibrated"] < out["test_nll_bpd"]
+    assert out["calibration_images"] == 40  # orl's val split
+    from sosvae_lib.calibration import read_calibration
+    assert read_calibration(run).scale == out["diag_scale_calibrated"]
+    # the first version's keys are the patch10 family's
+    assert out["inpaint_rmse_cond"] == out["inpaint_rmse_cond_patch10"]
+    assert out["inpaint_nll_bpd_uncond_maxvar"] == out["inpaint_nll_bpd_uncond_patch10_maxvar"]
+    for f in M.INPAINT_FAMILIES:  # a wider diagonal makes the hidden pixels far more probable
+        assert out[f"inpaint_nll_bpd_cond_{f}_cal"] < out[f"inpaint_nll_bpd_cond_{f}"]
+    # the PPCA baseline's σ² is its maximum-likelihood value: the calibrated keys repeat the trained ones
+    assert out["pca_test_nll_bpd_calibrated"] == out["pca_test_nll_bpd"] and out["pca_diag_scale_calibrated"] == 1.0
+    assert out["pca_inpaint_rmse_cond_top_half_cal"] == out["pca_inpaint_rmse_cond_top_half"]
+    assert not any(key.startswith("face_") for key in out)  # one-channel data: no face metrics
     saved = json.loads((run / "eval_test.json").read_text())
     assert saved == pytest.approx(out)
     # Everything random is seeded: a repeat gives the same numbers; another seed changes the stochastic ones.
@@ -357,6 +459,11 @@ def test_evaluate_diagonal_run(smoke_runs):
     assert out["inpaint_rmse_cond"] == out["inpaint_rmse_uncond"]
     assert out["inpaint_rmse_cond_maxvar"] == out["inpaint_rmse_uncond_maxvar"]
     assert out["inpaint_nll_bpd"] == pytest.approx(out["inpaint_nll_bpd_uncond"], abs=1e-6)
+    for f in M.INPAINT_FAMILIES:
+        assert out[f"inpaint_rmse_cond_{f}"] == out[f"inpaint_rmse_uncond_{f}"]
+        assert out[f"inpaint_nll_bpd_cond_{f}"] == pytest.approx(out[f"inpaint_nll_bpd_uncond_{f}"], abs=1e-6)
+        assert out[f"inpaint_rmse_cond_{f}_cal"] is None  # no calibration for the pixel-wise head
+    assert out["eps_calibrated"] is None and out["test_nll_bpd_calibrated"] is None
     assert abs(out["residual_corr_samples"]) < 0.05
     assert not any(key.startswith("pca_") for key in out)
 
@@ -383,6 +490,10 @@ def test_evaluate_rejects_bad_options(smoke_runs, tmp_path, capsys):
         evaluate(smoke_runs["lowrank"], split="dev")
     with pytest.raises(ValueError, match="^colour:"):
         evaluate(smoke_runs["lowrank"], colour=True)
+    with pytest.raises(ValueError, match="^calibrate:"):
+        evaluate(smoke_runs["lowrank"], calibrate=1)
+    with pytest.raises(ValueError, match="^face_images:"):
+        evaluate(smoke_runs["lowrank"], face_images=1)
     with pytest.raises(FileNotFoundError, match="run_dir"):
         evaluate(tmp_path / "missing")
     assert main([str(tmp_path), "--no-progress"]) == 2
@@ -416,3 +527,8 @@ def test_evaluate_pca_on_planted_model():
     assert out["inpaint_rmse_cond"] < 0.02 < 0.5 * out["inpaint_rmse_uncond"]
     assert out["inpaint_nll_bpd"] < out["inpaint_nll_bpd_uncond"] - 0.1  # revealed pixels inform the rest
     assert out["residual_corr_samples"] == pytest.approx(out["residual_corr_data"], abs=0.05)
+    # every mask family: revealing pixels of the true low-rank Gaussian pins the factor coefficients
+    for f in ("random50", "top_half", "left_half"):
+        assert out[f"inpaint_rmse_cond_{f}"] < 0.02 < 0.5 * out[f"inpaint_rmse_uncond_{f}"]
+        assert out[f"inpaint_nll_bpd_cond_{f}"] < out[f"inpaint_nll_bpd_uncond_{f}"] - 0.1
+    assert out["eps_calibrated"] == fit.noise_var and out["test_nll_bpd_calibrated"] == out["test_nll_bpd"]
