@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from .config import TrainConfig, check_rank
-from .encoder import Encoder
+from .config import ARCHS, TrainConfig, check_rank
+from .encoder import AuthorsEncoder, Encoder
 from .heads import make_head
-from .trunk import DecoderTrunk
+from .trunk import AuthorsDecoderTrunk, DecoderTrunk
 
 
 class VAE(nn.Module):
@@ -26,13 +26,19 @@ class VAE(nn.Module):
         head: ``lowrank`` | ``lowrank-diag`` | ``diagonal``.
         rank: R, columns of P (ignored by ``diagonal``); 1 <= R < D.
         width, levels, max_width: trunk and encoder widths (see `sosvae_lib.trunk.stage_widths`).
+        arch: ``resnet`` (this project's light ResNet, `sosvae_lib.trunk.DecoderTrunk`) or ``authors`` (the
+            authors' network, `sosvae_lib.trunk.AuthorsDecoderTrunk`; theirs is width 64, levels 3, max_width 512).
+            Both end in ``width`` channels at full resolution, so the heads are the same.
         eps: the fixed diagonal of ``lowrank`` / the variance floor of the learned-diagonal heads.
         init_var: initial variance of learned-diagonal heads.
     """
 
     def __init__(self, image_shape: tuple[int, int, int], latent: int = 32, head: str = "lowrank", rank: int = 25,
-                 width: int = 16, levels: int = 3, max_width: int = 512, eps: float = 1e-5, init_var: float = 0.01):
+                 width: int = 16, levels: int = 3, max_width: int = 512, eps: float = 1e-5, init_var: float = 0.01,
+                 arch: str = "resnet"):
         super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch: must be one of {', '.join(ARCHS)}, got {arch!r}")
         c, h, w = (int(s) for s in image_shape)
         if min(h, w) < 2 ** levels:
             raise ValueError(f"image_size: {h}x{w} is too small for a trunk with levels={levels} "
@@ -42,8 +48,10 @@ class VAE(nn.Module):
         self.image_shape = (c, h, w)
         self.latent_dim = latent
         self.head_name = head
-        self.encoder = Encoder(c, latent, width, levels, max_width)
-        self.trunk = DecoderTrunk((h, w), latent, width, levels, max_width)
+        self.arch = arch
+        encoder, trunk = (Encoder, DecoderTrunk) if arch == "resnet" else (AuthorsEncoder, AuthorsDecoderTrunk)
+        self.encoder = encoder(c, latent, width, levels, max_width)
+        self.trunk = trunk((h, w), latent, width, levels, max_width)
         self.head = make_head(head, self.trunk.out_channels, c, rank, eps, init_var)
         self.rank = self.head.rank
 
@@ -88,4 +96,5 @@ class VAE(nn.Module):
 def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> VAE:
     """The VAE a configuration describes, for images of shape (C, H, W)."""
     return VAE(image_shape, latent=config.latent, head=config.head, rank=config.rank, width=config.width,
-               levels=config.levels, max_width=config.max_width, eps=config.eps, init_var=config.init_var)
+               levels=config.levels, max_width=config.max_width, eps=config.eps, init_var=config.init_var,
+               arch=config.arch)

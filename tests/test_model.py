@@ -7,12 +7,36 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal
 
-from sosvae_lib.model import VAE
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sosvae_lib.config import TrainConfig
+from sosvae_lib.model import VAE, build_model
 from sosvae_lib.objectives import BetaELBO, ConstrainedObjective, ascend_multiplier, damped_constraint
-from sosvae_lib.trunk import DecoderTrunk, stage_sizes
+from sosvae_lib.trunk import AuthorsDecoderTrunk, BasicBlock, DecoderTrunk, output_paddings, stage_sizes
 
 torch.set_num_threads(1)
 HEADS = ("lowrank", "lowrank-diag", "diagonal")
+
+# Parameters at 3×218×178, latent 128, R = 25 (``lowrank``). The authors' network (biomedia-mira/sos-vae,
+# src/model/vae.py: width 64, levels 3) has exactly 31,039,054 (31.0 M); the project's ``resnet`` at the old
+# paper setting (width 64, levels 4) 28,262,158 (28.3 M).
+AUTHORS_PAPER = dict(arch="authors", width=64, levels=3, max_width=512)
+RESNET_PAPER = dict(arch="resnet", width=64, levels=4, max_width=512)
+PAPER_PARAMS = {"authors": 31_039_054, "resnet": 28_262_158}
+# GFLOP (FlopCounterMode: 2 × multiply-accumulates) of encoder + trunk + head for a batch of 4 at 3×218×178
+PAPER_GFLOP_BATCH4 = {"authors": 346.8, "resnet": 199.4}
+
+
+def _paper_model(arch: str, head: str = "lowrank") -> VAE:
+    """The full-size network on the meta device: shapes, counts and FLOPs without allocating or computing."""
+    with torch.device("meta"):
+        return VAE((3, 218, 178), latent=128, head=head, rank=25,
+                   **(AUTHORS_PAPER if arch == "authors" else RESNET_PAPER))
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64), (218, 178), (17, 9)])
@@ -116,6 +140,111 @@ def test_bad_model_arguments_name_the_field():
         VAE((1, 6, 6), head="lowrank", rank=2, width=2, levels=3)
     with pytest.raises(ValueError, match="^head"):
         VAE((1, 8, 8), head="full", rank=2, width=2, levels=2)
+    with pytest.raises(ValueError, match="^arch"):
+        VAE((1, 8, 8), head="lowrank", rank=2, width=2, levels=2, arch="vgg")
+    with pytest.raises(ValueError, match="^image_size"):
+        VAE((1, 6, 6), head="lowrank", rank=2, width=2, levels=3, arch="authors")
+
+
+# -- the two architectures ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head,extra", [("lowrank", 0), ("lowrank-diag", 195), ("diagonal", -4680)])
+@pytest.mark.parametrize("arch", ["authors", "resnet"])
+def test_parameter_count_at_the_paper_configuration(arch, head, extra):
+    # the heads are shared: a learned diagonal adds a 64→3 conv (195), the pixel-wise head drops P's 64→75 (4,875)
+    assert _n_params(_paper_model(arch, head)) == PAPER_PARAMS[arch] + extra
+
+
+def test_authors_network_block_for_block():
+    model = _paper_model("authors")
+    enc, trunk = model.encoder, model.trunk
+    assert isinstance(trunk, AuthorsDecoderTrunk)
+    assert (_n_params(enc), _n_params(trunk), _n_params(model.head)) == (11_566_848, 19_467_136, 5_070)
+    # encoder: 64-channel stem, two blocks at full resolution, then (stride-2 block, block) per stage
+    assert [(b.conv1.in_channels, b.conv1.out_channels, b.conv1.stride[0]) for b in enc.blocks] == [
+        (64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2),
+        (512, 512, 1)]
+    # decoder: z → 28×23 by a transposed conv, then 512 → 256 → 128 → 64 with two full-resolution blocks
+    assert trunk.latent_map.kernel_size == (28, 23) and trunk.latent_map.out_channels == 128
+    assert trunk.sizes == [(218, 178), (109, 89), (55, 45), (28, 23)]
+    assert output_paddings(trunk.sizes) == [(1, 1), (0, 0), (0, 0)]
+    assert [(b.conv1.in_channels, b.conv1.out_channels, isinstance(b.conv1, nn.ConvTranspose2d))
+            for b in trunk.blocks] == [
+        (512, 512, False), (512, 256, True), (256, 256, False), (256, 128, True), (128, 128, False),
+        (128, 64, True), (64, 64, False), (64, 64, False)]
+    assert all(isinstance(b, BasicBlock) for b in [*enc.blocks, *trunk.blocks])
+    assert not any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    # shapes of one forward pass, propagated on the meta device (nothing is computed)
+    x = torch.empty(4, 3, 218, 178, device="meta")
+    mean, std = enc(x)
+    assert mean.shape == std.shape == (4, 128)
+    h = trunk(mean)
+    assert h.shape == (4, 64, 218, 178)
+    loc, factor, _ = model.head.distribution_params(h)
+    assert loc.shape == (4, 116_412) and factor.shape == (4, 116_412, 25)
+
+
+@pytest.mark.parametrize("arch", ["authors", "resnet"])
+def test_flops_of_one_forward_at_the_paper_configuration(arch):
+    model = _paper_model(arch)
+    with FlopCounterMode(display=False) as counter:
+        mean, _ = model.encoder(torch.empty(4, 3, 218, 178, device="meta"))
+        model.head.distribution_params(model.trunk(mean))
+    assert round(counter.get_total_flops() / 1e9, 1) == PAPER_GFLOP_BATCH4[arch]
+
+
+def test_paper_preset_builds_its_architecture():
+    config = TrainConfig.preset("paper")
+    with torch.device("meta"):
+        model = build_model(config, (3, 218, 178))
+    assert model.arch == config.arch
+    assert _n_params(model) == PAPER_PARAMS[config.arch]
+
+
+def test_resnet_weights_layout_is_unchanged():
+    # existing checkpoints must keep loading: the names of the light ResNet's tensors are fixed
+    with torch.device("meta"):
+        model = VAE((1, 8, 8), latent=2, head="lowrank", rank=2, width=2, levels=1)
+    block = ["norm1.weight", "norm1.bias", "conv1.weight", "conv1.bias", "norm2.weight", "norm2.bias",
+             "conv2.weight", "conv2.bias", "skip.weight", "skip.bias"]
+    assert list(model.state_dict()) == [
+        "encoder.stem.weight", "encoder.stem.bias", *(f"encoder.blocks.0.{k}" for k in block),
+        "encoder.out_norm.weight", "encoder.out_norm.bias", "encoder.fc.weight", "encoder.fc.bias",
+        "trunk.fc.weight", "trunk.fc.bias", *(f"trunk.blocks.0.{k}" for k in block),
+        "trunk.out_norm.weight", "trunk.out_norm.bias",
+        "head.mean_conv.weight", "head.mean_conv.bias", "head.factor_conv.weight", "head.factor_conv.bias"]
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (109, 89), (17, 9)])
+@pytest.mark.parametrize("head", HEADS)
+def test_authors_forward_and_backward(hw, head):
+    torch.manual_seed(0)
+    config = TrainConfig(arch="authors", head=head, rank=3, latent=5, width=4, levels=3, max_width=16,
+                         image_size=hw)
+    model = build_model(config, (3, *hw))
+    assert isinstance(model.trunk, AuthorsDecoderTrunk)
+    x = torch.rand(2, 3, *hw)
+    out = model(x)
+    d = 3 * hw[0] * hw[1]
+    assert out["obs"].loc.shape == (2, d) and out["obs"].cov_factor.shape == (2, d, 0 if head == "diagonal" else 3)
+    assert model.trunk(out["z"]).shape == (2, 4, *hw)
+    assert torch.isfinite(out["nll"]).all() and (out["kl"] >= 0).all()
+    assert (out["posterior"].scale >= 1e-5 ** 0.5).all()  # the authors' variance floor
+    (out["nll"].mean() + out["kl"].mean()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_authors_batchnorm_in_eval_mode_is_per_image():
+    torch.manual_seed(0)
+    model = VAE((1, 16, 16), latent=3, head="lowrank", rank=2, width=4, levels=2, arch="authors")
+    x = torch.rand(5, 1, 16, 16)
+    model(x)  # training mode: batch statistics, and the running statistics move
+    assert model.encoder.stem[1].num_batches_tracked.item() == 1
+    model.eval()
+    with torch.no_grad():
+        whole, alone = model.encoder(x)[0][:1], model.encoder(x[:1])[0]
+    assert torch.allclose(whole, alone, atol=1e-6)
 
 
 def test_damped_constraint_value_and_gradient():
