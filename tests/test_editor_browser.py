@@ -157,6 +157,16 @@ def _status(driver) -> str:
         ".filter(t => t.includes('painted')); return s.length ? s[0] : '';")
 
 
+def _fail(driver, root: Path, tmp_path: Path, what: str) -> None:
+    """Fail with what the page and the server show (a screenshot is left in tmp_path)."""
+    driver.save_screenshot(str(tmp_path / "failure.png"))
+    prompts = [e.text for e in driver.find_elements("css selector", ".jp-InputPrompt")]
+    errors = [e.text[:500] for e in driver.find_elements("css selector", ".jp-RenderedText[data-mime-type*=error]")]
+    log = (root / "server.log").read_text()[-1500:]
+    pytest.fail(f"{what}; prompts {prompts}; errors {errors}; screenshot {tmp_path / 'failure.png'}; "
+                f"server log: {log}")
+
+
 def _drag(driver, canvas, rect, points) -> None:
     """Press at points[0], move through the others, release; points in CSS pixels from the canvas' corner."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -170,23 +180,39 @@ def _drag(driver, canvas, rect, points) -> None:
 
 
 def test_the_editor_paints_in_jupyterlab(server, browser, run_dir, tmp_path):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     base, token, root = server
     t0 = time.perf_counter()
     browser.get(f"{base}/lab/tree/06_editor.ipynb?token={token}")
     wait = WebDriverWait(browser, 90, poll_frequency=0.25)
-    menu = wait.until(lambda d: d.find_element(By.XPATH, "//li[contains(@class, 'lm-MenuBar-item')]"
-                                                         "[.//div[normalize-space(text())='Run']]"))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell"))
-    wait.until(lambda d: "Idle" in (d.find_element(By.TAG_NAME, "body").text) or
-               d.find_elements(By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']"))
-    menu.click()
-    wait.until(lambda d: d.find_element(By.XPATH, "//li[contains(@class, 'lm-Menu-item')]"
-                                                  "[.//div[normalize-space(text())='Run All Cells']]")).click()
+    wait.until(lambda d: "Idle" in d.find_element(By.TAG_NAME, "body").text)  # the status bar: kernel ready
+
+    def started(d) -> bool:  # some cell's prompt shows [*] or an execution count
+        return any(re.search(r"\[(\*|\d+)\]", e.text) for e in d.find_elements(By.CSS_SELECTOR, ".jp-InputPrompt"))
+
+    for attempt in range(3):  # Run > Run All Cells (retried: a click during page set-up can be lost)
+        wait.until(lambda d: d.find_element(By.XPATH, "//li[contains(@class, 'lm-MenuBar-item')]"
+                                                      "[.//div[normalize-space(text())='Run']]")).click()
+        wait.until(lambda d: d.find_element(By.XPATH, "//li[contains(@class, 'lm-Menu-item')]"
+                                                      "[.//div[normalize-space(text())='Run All Cells']]")).click()
+        try:
+            WebDriverWait(browser, 15, poll_frequency=0.25).until(started)
+            break
+        except TimeoutException:
+            browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    else:
+        _fail(browser, root, tmp_path, "Run All Cells did not start the notebook")
     # the notebook ran to its end (its last cell writes the numbers) and the editor's canvas is drawn
-    WebDriverWait(browser, 120, poll_frequency=0.5).until(lambda d: (root / "figures" / "orl_editor.json").is_file())
+    try:
+        WebDriverWait(browser, 120, poll_frequency=0.5).until(
+            lambda d: (root / "figures" / "orl_editor.json").is_file())
+    except TimeoutException:
+        _fail(browser, root, tmp_path, "the notebook did not finish within 120 s")
     canvas = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'canvas.sosvae-canvas[data-editable="true"]'))
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas)
     wait.until(lambda d: int(canvas.get_attribute("data-version") or 0) >= 1 and "0 strokes" in _status(d))
