@@ -9,8 +9,9 @@ the project:
 - ``cpu``: a faithful reduced scale that trains on 2 CPU cores in a few minutes per run (narrow ResNet with
   widths 16…64, latent 32, rank 25, the paper's constrained objective with a reachable KL target, mean
   pre-training for the first quarter of the epochs).
-- ``paper``: CelebA at 218×178 RGB, latent 128, rank 25, batch 25, Adam 1e-4, widths 64…512, target KL 45
-  (the authors' code defaults, METHOD.md §4–5).
+- ``paper``: CelebA at 218×178 RGB, the authors' network (``arch="authors"``, widths 64…512, 31.0 M
+  parameters), latent 128, rank 25, batch 25, Adam 1e-4, target KL 45 (the authors' code defaults, METHOD.md
+  §4–5).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 HEADS = ("lowrank", "lowrank-diag", "diagonal")
 PRESETS = ("smoke", "cpu", "paper")
 DEVICES = ("auto", "cpu", "cuda")
+ARCHS = ("resnet", "authors")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # Channel counts of the datasets whose shape is known without loading them (used to reject rank >= D early;
 # the model re-checks against the real image shape for every dataset).
@@ -80,9 +83,10 @@ class TrainConfig:
     ``augment`` (None = dataset default), ``dequantize`` (add U(0, 1/256) noise to training images, the usual
     convention for a continuous density on 8-bit data).
 
-    Model: ``head`` in ``HEADS``; ``rank`` R of the covariance factor (ignored by ``diagonal``); ``latent`` size;
-    ``width`` (channels of the full-resolution stage; each of ``levels`` stride-2 stages doubles it, capped at
-    ``max_width``); ``eps`` the fixed diagonal of ``lowrank`` and the variance floor of the learned-diagonal
+    Model: ``arch`` the encoder and decoder trunk (``resnet``: this project's light pre-activation ResNet;
+    ``authors``: the authors' network block for block, see `sosvae_lib.encoder`); ``head`` in ``HEADS``; ``rank``
+    R of the covariance factor (ignored by ``diagonal``); ``latent`` size; ``width`` (channels of the
+    full-resolution stage; each of ``levels`` stride-2 stages doubles it, capped at ``max_width``); ``eps`` the fixed diagonal of ``lowrank`` and the variance floor of the learned-diagonal
     heads; ``init_var`` the initial variance of the learned-diagonal heads.
 
     Objective (METHOD.md §4): ``target_kl`` T per image, ``damping`` c, ``lambda_lr`` η, ``lambda_init`` λ₀;
@@ -91,7 +95,10 @@ class TrainConfig:
     observation-noise head (P and d) for the first epochs.
 
     Optimisation: ``epochs``, ``batch_size`` (per process), ``lr`` (Adam), ``seed``, ``device`` in ``DEVICES``,
-    ``num_workers`` of the data loader.
+    ``num_workers`` of the data loader; ``precision`` of the encoder and trunk (``fp32``, ``bf16`` autocast, or
+    ``auto``: bf16 on a CUDA device that supports it, fp32 elsewhere; the heads' outputs, the likelihood, the KL
+    and the objective are always float32); ``data_on_device`` keeps the whole uint8 training set on the device
+    (flips and dequantisation there too); ``compile`` wraps the model in `torch.compile`.
     """
 
     dataset: str = "orl"
@@ -101,6 +108,7 @@ class TrainConfig:
     augment: bool | None = None
     dequantize: bool = True
 
+    arch: str = "resnet"
     head: str = "lowrank"
     rank: int = 25
     latent: int = 32
@@ -124,6 +132,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    precision: str = "auto"
+    data_on_device: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -145,6 +156,8 @@ class TrainConfig:
         if not isinstance(self.dequantize, bool):
             _fail("dequantize", f"must be True or False, got {self.dequantize!r}")
 
+        if self.arch not in ARCHS:
+            _fail("arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.head not in HEADS:
             _fail("head", f"must be one of {', '.join(HEADS)}, got {self.head!r}")
         check_int("rank", self.rank, 1)
@@ -174,6 +187,11 @@ class TrainConfig:
         if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
             _fail("device", f"must be one of {', '.join(DEVICES)} or 'cuda:N', got {self.device!r}")
         check_int("num_workers", self.num_workers, 0)
+        if self.precision not in PRECISIONS:
+            _fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("data_on_device", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, f"must be True or False, got {getattr(self, name)!r}")
 
         hw = image_hw(self.image_size)
         if hw is not None:
@@ -256,6 +274,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(image_size=16, max_items=32, width=4, levels=2, latent=4, rank=2, epochs=1, batch_size=8,
                   lr=1e-3, target_kl=5.0),
     "cpu": dict(width=16, levels=3, latent=32, rank=25, epochs=40, batch_size=25, lr=1e-3, target_kl=30.0),
-    "paper": dict(dataset="celeba", image_size=(218, 178), augment=True, width=64, levels=4, latent=128, rank=25,
-                  epochs=100, batch_size=25, lr=1e-4, target_kl=45.0),
+    # the authors' network block for block (arch "authors": 64 channels at full resolution, 3 stride-2 stages)
+    "paper": dict(dataset="celeba", image_size=(218, 178), augment=True, arch="authors", width=64, levels=3,
+                  latent=128, rank=25, epochs=100, batch_size=25, lr=1e-4, target_kl=45.0),
 }

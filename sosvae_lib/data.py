@@ -137,10 +137,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def unit(self, raw: torch.Tensor) -> torch.Tensor:
+        """Stored pixels of this set (any shape, on any device) → float32 in [0, 1]."""
+        x = raw.float()
+        return x / self._scale if self._scale is not None else x
+
     def __getitem__(self, index: int):
-        x = self.images[index].float()
-        if self._scale is not None:
-            x = x / self._scale
+        x = self.unit(self.images[index])
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         if self.return_labels:
@@ -151,9 +154,7 @@ class ImageDataset(Dataset):
         """A whole batch at once (`DataLoader` calls this instead of one `__getitem__` per item): one gather,
         one conversion and one flip mask per batch, ~10× faster than item by item for small images."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        x = self.images[idx].float()
-        if self._scale is not None:
-            x = x / self._scale
+        x = self.unit(self.images[idx])
         if self.flip:
             x = flip_batch(x)
         if self.return_labels:

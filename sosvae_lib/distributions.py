@@ -15,8 +15,13 @@ nothing of size D×D (or m×m for m observed pixels) is ever formed, and only Ch
 used (batched LU inverse/solve was seen to fail in oneMKL on this project's CPUs). The R×R algebra runs
 in float64 whatever the input dtype: it is tiny and it keeps float32 results close to float64 ones.
 
+Checks and host synchronisation: each `log_prob` / `entropy` checks its inputs with one host synchronisation (a
+single flag covering non-finite or non-positive inputs and a failed Cholesky). Inside `deferred_checks()` it makes
+none: a bad input then shows up as a non-finite result, which the caller checks (the trainer's one-scalar NaN
+guard per step), so a GPU queue never waits on the likelihood.
+
 Each identity lives in one private function below whose docstring states it:
-- `_capacitance_cholesky`: K = I + AᵀA = L Lᵀ (with one jitter retry);
+- `_capacitance_factor`: K = I + AᵀA = L Lᵀ (with one jitter retry);
 - `_logdet_from_cholesky`: matrix determinant lemma, log|PPᵀ + diag d| = Σ log d_i + 2 Σ log L_jj;
 - `_LowRankTerms`: sum-of-squares Mahalanobis form and its analytic gradients;
 - `_condition_lowrank`: the Schur complement of the observed block, again low-rank plus diagonal.
@@ -24,19 +29,39 @@ Each identity lives in one private function below whose docstring states it:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution, constraints
 
-__all__ = ["LowRankNormal", "DiagonalNormal", "DENSE_COVARIANCE_LIMIT"]
+__all__ = ["LowRankNormal", "DiagonalNormal", "DENSE_COVARIANCE_LIMIT", "deferred_checks"]
 
 DENSE_COVARIANCE_LIMIT = 8192
 """Largest D for which `covariance_matrix` builds the dense D×D matrix (8192² float32 = 256 MiB)."""
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+_DEFERRED = contextvars.ContextVar("sosvae_deferred_checks", default=False)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Within the block `log_prob` and `entropy` make no host synchronisation to check their inputs: a bad input
+    (NaN, Inf, a variance ≤ 0, a failed Cholesky) gives a non-finite result instead of an error. For training
+    loops that check their loss once per step anyway."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def _checking() -> bool:
+    return not _DEFERRED.get()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,25 +172,37 @@ def _value_rows(value: torch.Tensor, batch_shape: torch.Size, D: int, owner: str
 # ----------------------------------------------------------------------------------------------------
 # the identities
 # ----------------------------------------------------------------------------------------------------
-def _capacitance_cholesky(gram: torch.Tensor, owner: str, batch_shape: torch.Size) -> torch.Tensor:
-    """Cholesky factor L (float64, lower) of the capacitance K = I_R + AᵀA = L Lᵀ.
+def _capacitance_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, failed): the Cholesky factor L (float64, lower) of the capacitance K = I_R + AᵀA = L Lᵀ, and a bool
+    [N] marking the items whose factorisation failed even after the retry.
 
     gram: AᵀA [N, R, R] (any float dtype). K ⪰ I in exact arithmetic; rounding in a float32 Gram of a
-    huge factor can still make it numerically indefinite, so failed items are retried once with a jitter
-    of 1e-10·max(diag K); if that also fails a RuntimeError names the batch items.
+    huge factor can still make it numerically indefinite, so failed items are factorised again with a jitter
+    of 1e-10·max(diag K). Branch-free (the retry is computed for every item, with zero jitter where the first
+    attempt succeeded): no host synchronisation.
     """
     K = gram.to(torch.float64)
     K = K + torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
     L, info = torch.linalg.cholesky_ex(K)
     failed = info != 0
+    if K.shape[-1] == 0:  # rank 0: K is empty and nothing can fail
+        return L, failed
+    jitter = 1e-10 * K.diagonal(dim1=-2, dim2=-1).amax(-1) * failed
+    L2, info2 = torch.linalg.cholesky_ex(K + torch.diag_embed(jitter[:, None].expand(-1, K.shape[-1])))
+    return torch.where(failed[:, None, None], L2, L), info2 != 0
+
+
+def _raise_cholesky(failed: torch.Tensor, owner: str, batch_shape: torch.Size) -> None:
+    bad = failed.reshape(batch_shape) if len(batch_shape) else failed.any()
+    raise RuntimeError(f"{owner}: Cholesky of the R×R capacitance I + AᵀA failed even with jitter at "
+                       f"{_bad_items(bad, batch_shape)}; the factor is too large for its dtype")
+
+
+def _capacitance_cholesky(gram: torch.Tensor, owner: str, batch_shape: torch.Size) -> torch.Tensor:
+    """`_capacitance_factor`'s L; a RuntimeError naming the batch items where even the retry failed."""
+    L, failed = _capacitance_factor(gram)
     if bool(failed.any()):
-        jitter = 1e-10 * K.diagonal(dim1=-2, dim2=-1).amax(-1)
-        K2 = K + torch.diag_embed(jitter[:, None].expand(-1, K.shape[-1])) * failed[:, None, None]
-        L, info = torch.linalg.cholesky_ex(K2)
-        if bool((info != 0).any()):
-            bad = (info != 0).reshape(batch_shape) if len(batch_shape) else (info != 0).any()
-            raise RuntimeError(f"{owner}: Cholesky of the R×R capacitance I + AᵀA failed even with jitter at "
-                               f"{_bad_items(bad, batch_shape)}; the factor is too large for its dtype")
+        _raise_cholesky(failed, owner, batch_shape)
     return L
 
 
@@ -294,8 +331,6 @@ class _LowRankTerms(torch.autograd.Function):
         dtype = factor.dtype
         X = None if value is None else value - loc.unsqueeze(1)  # x − loc, [N, S, D]
         if scalar:
-            if not bool(torch.isfinite(diag)) or not bool(diag > 0):
-                raise _NonFinite()
             inv_d64 = 1.0 / diag.to(torch.float64)
             # [PᵀP, Pᵀ(x − loc); ·, ·] in one streaming pass; the scale 1/d is applied in the R×R domain
             gram = _weighted_gram(factor, None, X) if S else torch.bmm(factor.mT, factor)
@@ -308,9 +343,18 @@ class _LowRankTerms(torch.autograd.Function):
             gAA = gram[:, :R, :R].to(torch.float64)
             if S:
                 AtY = gram[:, R:, :R].to(torch.float64)
-        if not bool(torch.isfinite(gram).all()) or (S and not bool(torch.isfinite(AtY).all())):
-            raise _NonFinite()
-        L = _capacitance_cholesky(gAA, "LowRankNormal", batch_shape)
+        L, failed = _capacitance_factor(gAA)
+        if _checking():  # one host synchronisation for every check
+            bad = ~torch.isfinite(gram).all()
+            if scalar:
+                bad = bad | ~(torch.isfinite(diag) & (diag > 0))
+            if S:
+                bad = bad | ~torch.isfinite(AtY).all()
+            bad_input, bad_cholesky = torch.stack([bad, failed.any()]).tolist()
+            if bad_input:
+                raise _NonFinite()
+            if bad_cholesky:
+                _raise_cholesky(failed, "LowRankNormal", batch_shape)
         logdet = _logdet_from_cholesky(L, _log_diag_sum(diag, N, D))
         if S:
             Z = torch.cholesky_solve(AtY.mT, L)  # [N, R, S] float64
@@ -852,13 +896,14 @@ class DiagonalNormal(_PixelGaussian):
         value = _same_dtype(_as_tensor(value, "value", self.loc), "value", f"{self._name}.log_prob", self.loc)
         if value.dim() < 1 or value.shape[-1] != self.D:
             raise ValueError(f"{self._name}.log_prob: value must have shape [..., {self.D}], got {tuple(value.shape)}")
-        self._checked_diag()  # log d of a negative variance would be a silent NaN
         d = self._free_diag()
         diff = value - self.loc
         if self._observed is not None:
             diff = diff.masked_fill(self._observed, 0.0)
         maha = (diff.square() / d).sum(-1, dtype=torch.float64)
-        if not bool(torch.isfinite(maha).all()):
+        if _checking():
+            self._checked_diag()  # log d of a negative variance would be a silent NaN
+        if _checking() and not bool(torch.isfinite(maha).all()):
             _check_values(self.loc, "loc", self._name, self.batch_shape, 1)
             _check_values(d.expand(*self.batch_shape, self.D) if d.dim() else d, "cov_diag", self._name,
                           self.batch_shape, 1 if d.dim() else 0, positive=True)
@@ -867,7 +912,8 @@ class DiagonalNormal(_PixelGaussian):
 
     def entropy(self) -> torch.Tensor:
         """[*batch] ½ Σ_i (1 + log 2π + log d_i) over unobserved pixels."""
-        self._checked_diag()
+        if _checking():
+            self._checked_diag()
         return (0.5 * self._n_free() * (1.0 + _LOG_2PI) + 0.5 * self._logdet(self._free_diag())).to(self.loc.dtype)
 
     def from_noise(self, factor_noise: torch.Tensor | None, diag_noise: torch.Tensor | None) -> torch.Tensor:

@@ -54,6 +54,10 @@ class VAE(nn.Module):
         self.trunk = trunk((h, w), latent, width, levels, max_width)
         self.head = make_head(head, self.trunk.out_channels, c, rank, eps, init_var)
         self.rank = self.head.rank
+        # Mixed precision (set by the trainer from TrainConfig.precision): the encoder and the trunk run under
+        # autocast to this dtype; their outputs are cast to float32, so the heads, the likelihood and the KL always
+        # compute in float32 (with d = 1e-5 a half-precision residual would be meaningless).
+        self.autocast_dtype: torch.dtype | None = None
 
     @property
     def dim(self) -> int:
@@ -61,14 +65,24 @@ class VAE(nn.Module):
         c, h, w = self.image_shape
         return c * h * w
 
+    def _autocast(self, t: torch.Tensor, enabled: bool = True):
+        dtype = self.autocast_dtype
+        return torch.autocast(t.device.type, dtype=dtype or torch.bfloat16, enabled=enabled and dtype is not None)
+
     def encode(self, x: torch.Tensor) -> Normal:
-        """x [B, C, H, W] → q(z|x), a Normal with batch shape [B, latent]."""
-        mean, std = self.encoder(x)
-        return Normal(mean, std)
+        """x [B, C, H, W] → q(z|x), a float32 Normal with batch shape [B, latent]. Its arguments are not validated
+        (a host synchronisation per call; the trainer checks its loss once per step instead)."""
+        with self._autocast(x):
+            mean, std = self.encoder(x)
+        return Normal(mean.float(), std.float(), validate_args=False)
 
     def decode(self, z: torch.Tensor):
-        """z [B, latent] → p(x|z): LowRankNormal or DiagonalNormal over D = C·H·W (flattened channel-first)."""
-        return self.head(self.trunk(z))
+        """z [B, latent] → p(x|z): LowRankNormal or DiagonalNormal over D = C·H·W (flattened channel-first),
+        with float32 parameters whatever `autocast_dtype` is."""
+        with self._autocast(z):
+            features = self.trunk(z)
+        with self._autocast(z, enabled=False):  # also outside an autocast region the caller may have opened
+            return self.head(features.float())
 
     def prior(self, n: int, device: torch.device | str | None = None) -> Normal:
         """p(z) = N(0, I) with batch shape [n, latent]."""
@@ -85,7 +99,7 @@ class VAE(nn.Module):
         z = posterior.rsample()
         obs = self.decode(z)
         nll = -obs.log_prob(x.reshape(x.shape[0], -1))
-        kl = kl_divergence(posterior, Normal(torch.zeros_like(z), torch.ones_like(z))).sum(-1)
+        kl = kl_divergence(posterior, Normal(torch.zeros_like(z), torch.ones_like(z), validate_args=False)).sum(-1)
         return dict(nll=nll, kl=kl, obs=obs, posterior=posterior, z=z)
 
     def noise_parameters(self) -> list[nn.Parameter]:

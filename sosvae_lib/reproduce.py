@@ -1,7 +1,7 @@
 """One command that regenerates every figure and table of the SOS-VAE reproduction (Langley et al., "Structured
 Uncertainty in the Observation Space of Variational Autoencoders", TMLR 2022).
 
-    python -m sosvae_lib.reproduce --scale smoke|cpu|paper [--only NAMES] [--force] [--celeba-root PATH]
+    python -m sosvae_lib.reproduce --scale smoke|cpu|gpu|paper [--only NAMES] [--force] [--celeba-root PATH]
         [--folder-root PATH] [--out DIR] [--cell-timeout S]
 
 For the chosen scale (`plan`) it trains each variant by executing ``notebooks/01_train.ipynb`` with papermill (a
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from .checkpoint import SUMMARY, atomic_write_json, atomic_write_text, load_run
 from .tables import COLUMNS, format_cell, headline
 
-SCALES = ("smoke", "cpu", "paper")
+SCALES = ("smoke", "cpu", "gpu", "paper")
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = ("01_train", "02_samples", "03_editing", "04_components", "05_metrics", "06_editor")
 # Fields of a run's configuration that may differ from the plan without making the run stale.
@@ -46,10 +46,12 @@ _IGNORED_FIELDS = ("root", "device", "num_workers", "epochs")
 EVAL_OPTIONS: dict[str, dict[str, Any]] = {
     "smoke": dict(k=2, num_images=16, num_samples=16, batch_size=16, patch=6, pca_train_items=32, progress=False),
     "cpu": dict(k=8, num_images=300, batch_size=50, patch=10, pca_train_items=2000, progress=False),
+    "gpu": dict(k=64, num_images=1000, batch_size=50, patch=10, pca_train_items=5000, device="auto",
+                progress=False),
     "paper": dict(k=64, num_images=1000, batch_size=25, patch=10, pca_train_items=2000, device="auto",
                   progress=False),
 }
-CELL_TIMEOUT = {"smoke": 300, "cpu": 3600, "paper": None}
+CELL_TIMEOUT = {"smoke": 300, "cpu": 3600, "gpu": None, "paper": None}
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,17 @@ class Variant:
     preset: str
     overrides: tuple[tuple[str, Any], ...] = ()
     main: bool = False
-    minutes: float = 1.0  # rough training time on 2 CPU cores (smoke, cpu) or one GPU (paper), for the plan line
+    minutes: float = 1.0  # rough training time on 2 CPU cores (smoke, cpu) or one GPU (gpu, paper), for the plan line
+    tag: str = ""  # tells apart two groups of one dataset (e.g. CelebA at two sizes): "celeba" + "109x89"
+
+    @property
+    def group(self) -> str:
+        """The dataset's runs whose figures are drawn together: the dataset name, with the tag when there is one."""
+        return f"{self.dataset}{self.tag}" if self.tag else self.dataset
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-diagonal" if self.head == "diagonal" else f"{self.dataset}-{self.head}-r{self.rank}"
+        return f"{self.group}-diagonal" if self.head == "diagonal" else f"{self.group}-{self.head}-r{self.rank}"
 
     def config_fields(self, root: str | None = None) -> dict[str, Any]:
         """The TrainConfig.preset keyword arguments of this variant."""
@@ -82,12 +90,17 @@ class Variant:
 
 
 def _variants(dataset: str, preset: str, ranks: Sequence[int], minutes: float, diagonal: bool = True,
-              **overrides: Any) -> list[Variant]:
+              main_rank: int | None = None, learned: bool = False, tag: str = "", **overrides: Any) -> list[Variant]:
+    """lowrank at each of ``ranks`` (the figures' run: ``main_rank``, default the largest), and optionally the
+    pixel-wise baseline and ``lowrank-diag`` at the main rank."""
     ov = tuple(sorted(overrides.items()))
-    main_rank = max(ranks)
-    out = [Variant(dataset, "lowrank", r, preset, ov, main=(r == main_rank), minutes=minutes) for r in ranks]
+    main_rank = main_rank or max(ranks)
+    out = [Variant(dataset, "lowrank", r, preset, ov, main=(r == main_rank), minutes=minutes, tag=tag)
+           for r in ranks]
+    if learned:
+        out.append(Variant(dataset, "lowrank-diag", main_rank, preset, ov, minutes=minutes, tag=tag))
     if diagonal:  # the pixel-wise baseline keeps the preset's rank field (unused) so its PPCA row matches
-        out.append(Variant(dataset, "diagonal", main_rank, preset, ov, minutes=minutes))
+        out.append(Variant(dataset, "diagonal", main_rank, preset, ov, minutes=minutes, tag=tag))
     return out
 
 
@@ -98,6 +111,11 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
     - ``cpu`` (≈ 20 min on 2 cores): orl 64×64 lowrank R ∈ {1, 5, 25}, lowrank-diag R = 25 and diagonal; fashion-mnist 32×32 lowrank
       R = 25 and diagonal; celeba 64×64 lowrank R = 25 and diagonal; (folder 64×64, R = 25 and diagonal, when
       ``folder_root`` is given). Each run is sized to a few minutes.
+    - ``gpu`` (one GPU; resumable across commands, each finished run is reused): the cpu preset widened to latent
+      128 at batch 64 with the training set on the device: celeba 64×64 on the whole training split, lowrank
+      R ∈ {1, 5, 10, 25, 50}, lowrank-diag and diagonal; celeba at the subset's native 109×89 (``celeba109x89``),
+      R = 25, lowrank-diag and diagonal; orl 64×64 and the full fashion-mnist 32×32, R = 25 and diagonal. The
+      minutes are estimates, not measurements (no GPU has run it yet).
     - ``paper`` (GPU): celeba 218×178 with the paper preset, lowrank R ∈ {1, 5, 25} and diagonal; (folder 128×128,
       R = 25 and diagonal, when ``folder_root`` is given).
     The PPCA baseline of each rank is scored by the evaluation of the same runs.
@@ -121,6 +139,15 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
             out += _variants("folder", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6,
                             pretrain_epochs=2)
         return out
+    if scale == "gpu":
+        gpu = dict(latent=128, batch_size=64, data_on_device=True, device="auto")
+        out = _variants("celeba", "cpu", (1, 5, 10, 25, 50), 2.0, main_rank=25, learned=True, image_size=64,
+                        epochs=40, **gpu)
+        out += _variants("celeba", "cpu", (25,), 4.0, learned=True, tag="109x89", image_size=(109, 89), epochs=40,
+                         **gpu)
+        out += _variants("orl", "cpu", (25,), 0.5, image_size=64, epochs=200, **{**gpu, "batch_size": 32})
+        out += _variants("fashion-mnist", "cpu", (25,), 3.0, image_size=32, epochs=10, **gpu)
+        return out
     out = _variants("celeba", "paper", (1, 5, 25), 240.0)
     if folder_root:
         out += _variants("folder", "paper", (25,), 120.0, image_size=128)
@@ -132,11 +159,11 @@ def select(variants: Sequence[Variant], only: str | None) -> list[Variant]:
     if not only:
         return list(variants)
     wanted = [w.strip() for w in only.split(",") if w.strip()]
-    known = {v.name for v in variants} | {v.dataset for v in variants}
+    known = {v.name for v in variants} | {v.dataset for v in variants} | {v.group for v in variants}
     unknown = [w for w in wanted if w not in known]
     if unknown:
         raise ValueError(f"only: unknown name {unknown[0]!r} (this scale has: {', '.join(sorted(known))})")
-    return [v for v in variants if v.name in wanted or v.dataset in wanted]
+    return [v for v in variants if v.name in wanted or v.dataset in wanted or v.group in wanted]
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -375,23 +402,23 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
         d.mkdir(parents=True, exist_ok=True)
     roots = {"celeba": celeba_root, "folder": folder_root}
     status: dict[str, Any] = dict(scale=scale, plan=[v.name for v in variants], skipped=[], failed=[], runs={},
-                                  machine=f"{os.cpu_count()} CPU cores")
+                                  machine=_machine())
     log(f"scale {scale}: {len(variants)} runs, about {sum(v.minutes for v in variants):.0f} min of training "
         f"({', '.join(v.name for v in variants)}); writing {scale_dir}")
 
     # 1. data
-    datasets = list(dict.fromkeys(v.dataset for v in variants))
+    groups = list(dict.fromkeys(v.group for v in variants))
     present = []
-    for ds in datasets:
-        v0 = next(v for v in variants if v.dataset == ds)
-        reason = data_available(ds, roots.get(ds), dict(v0.overrides).get("image_size"))
+    for group in groups:
+        v0 = next(v for v in variants if v.group == group)
+        reason = data_available(v0.dataset, roots.get(v0.dataset), dict(v0.overrides).get("image_size"))
         if reason:
-            line = f"{ds}: data not found, skipped ({reason})"
+            line = f"{group}: data not found, skipped ({reason})"
             log("skip " + line)
             status["skipped"].append(line)
         else:
-            present.append(ds)
-    variants = [v for v in variants if v.dataset in present]
+            present.append(group)
+    variants = [v for v in variants if v.group in present]
 
     # 2. train (01_train through papermill) and evaluate
     for k, v in enumerate(variants, 1):
@@ -441,16 +468,16 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
 
     # 3. figure notebooks per dataset
     done = {name for name, r in status["runs"].items() if r["state"] in ("complete", "trained")}
-    for ds in present:
-        mains = [v for v in variants if v.dataset == ds and v.main and v.name in done]
-        diags = [v for v in variants if v.dataset == ds and v.head == "diagonal" and v.name in done]
+    for ds in present:  # a group: the dataset, or dataset + tag
+        mains = [v for v in variants if v.group == ds and v.main and v.name in done]
+        diags = [v for v in variants if v.group == ds and v.head == "diagonal" and v.name in done]
         if not mains:
-            if any(v.dataset == ds for v in variants):
+            if any(v.group == ds for v in variants):
                 log(f"{ds}: no finished lowrank run, figures skipped")
             continue
         common = dict(lowrank_run=str(runs_dir / mains[0].name),
                       diagonal_run=str(runs_dir / diags[0].name) if diags else None,
-                      train_missing=False, dataset=ds, figures_dir=str(figures_dir))
+                      train_missing=False, dataset=mains[0].dataset, figures_dir=str(figures_dir))
         for nb, extra in (("02_samples", dict(figure_name=f"{ds}_samples")),
                           ("03_editing", dict(figure_name=f"{ds}_editing")),
                           ("04_components", dict(figure_prefix=ds)),
@@ -488,10 +515,20 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
     return status
 
 
+def _machine() -> str:
+    """The machine in words, for reproduce.json: CPU cores, and the GPU when there is one."""
+    import torch
+
+    words = f"{os.cpu_count()} CPU cores"
+    if torch.cuda.is_available():
+        words += f", {torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
+    return words
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sosvae_lib.reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", default="cpu", choices=SCALES, help="smoke (tests, < 5 min), cpu (≈ 20 min on 2 "
-                   "cores), paper (CelebA 218×178 on a GPU); default cpu")
+                   "cores), gpu (one GPU, resumable), paper (CelebA 218×178 on a GPU); default cpu")
     p.add_argument("--only", help="comma-separated variant or dataset names of the plan (e.g. orl,celeba-diagonal)")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate even finished runs")
     p.add_argument("--celeba-root", help="CelebA folder (with img_align_celeba/); default: $SOSVAE_CELEBA, "
@@ -500,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "planned only when given")
     p.add_argument("--out", default="results", help="output folder (default results/); writes <out>/<scale>/")
     p.add_argument("--cell-timeout", type=int, default=None,
-                   help="seconds per notebook cell (default: 300 smoke, 3600 cpu, none paper)")
+                   help="seconds per notebook cell (default: 300 smoke, 3600 cpu, none gpu and paper)")
     return p
 
 

@@ -29,33 +29,36 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .config import HEADS, PRESETS, USAGE_ERRORS, TrainConfig, preset_fields
+from .config import ARCHS, HEADS, PRECISIONS, PRESETS, USAGE_ERRORS, TrainConfig, preset_fields
 from .distributed import (DistContext, all_reduce_sum, cleanup, init_distributed, make_sampler, wrap_model)
+from .distributions import deferred_checks
 from .metrics import bits_per_dim, dequantize
 from .model import VAE, build_model
 from .objectives import make_objective
 
 # Fields that may differ between a run and its resumption (everything else must match the checkpoint).
-RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "root")
+RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "root", "data_on_device", "compile")
 
 
 class _LossTerms(nn.Module):
-    """What the DDP wrapper runs: x → (nll [B], kl [B][, entropy [B]]) as plain tensors."""
+    """What the DDP wrapper runs: x → (nll [B], kl [B][, entropy [B]]) as plain tensors. ``forward_fn(vae, x)``
+    replaces ``vae(x)`` (a dict with nll, kl, obs), e.g. to score x with another likelihood in a benchmark."""
 
-    def __init__(self, vae: VAE, with_entropy: bool):
+    def __init__(self, vae: VAE, with_entropy: bool, forward_fn: Callable | None = None):
         super().__init__()
         self.vae = vae
         self.with_entropy = with_entropy
+        self.forward_fn = forward_fn
 
     def forward(self, x: torch.Tensor):
-        out = self.vae(x)
+        out = self.vae(x) if self.forward_fn is None else self.forward_fn(self.vae, x)
         if self.with_entropy:
             return out["nll"], out["kl"], out["obs"].entropy()
         return out["nll"], out["kl"]
@@ -95,6 +98,19 @@ def memory_format(device: torch.device) -> torch.memory_format:
     contiguous layout is bitwise reproducible on every host; the 10–15 % it gained is not worth that.
     """
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the encoder and trunk are autocast to: None for ``fp32``; bfloat16 for ``bf16``; for ``auto``
+    bfloat16 on a CUDA device that supports it (a GPU trains the convolutions 2–4× faster so), else None (on the
+    CPU bfloat16 autocast is slower than float32 on most hosts)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    raise ValueError(f"precision: must be one of auto, fp32, bf16, got {precision!r}")
 
 
 def _load_train_set(config: TrainConfig):
@@ -169,8 +185,9 @@ def _resumable_state(config: TrainConfig, out_dir: Path, resume: bool) -> tuple[
 
 
 @dataclass
-class _Run:
-    """What one training process holds: the model, optimiser, objective, data and history of a run."""
+class Run:
+    """What one training process holds: the model, optimiser, objective, data and history of a run (built by
+    `setup_run`, advanced by `train_step` and `train_epoch`)."""
 
     config: TrainConfig
     ctx: DistContext
@@ -179,55 +196,80 @@ class _Run:
     optimizer: torch.optim.Optimizer
     objective: Any
     noise_params: list
-    loader: Any
-    sampler: Any
-    flip: bool
     layout: torch.memory_format
     bits: int
     dim: int
+    dataset: Any = None
+    loader: Any = None
+    sampler: Any = None
+    flip: bool = False
+    device_images: torch.Tensor | None = None
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
 
 
-def _setup(config: TrainConfig, state: dict | None, dataset, ctx: DistContext) -> _Run:
-    """Build the model (weights from the seed, or the checkpoint), optimiser, objective and loader."""
+def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistContext | None = None,
+              dataset: Any = None, state: dict | None = None, forward_fn: Callable | None = None) -> Run:
+    """Build the model (weights from ``config.seed``, or from the checkpoint ``state``), its optimiser and objective
+    on ``ctx.device`` (default: the CPU, one process), and, given a ``dataset``, its loader. ``forward_fn``: see
+    `_LossTerms` (the benchmark's reference likelihood)."""
     from .data import make_loader
 
-    image_shape = tuple(int(s) for s in dataset.images.shape[1:]) if hasattr(dataset, "images") \
-        else tuple(int(s) for s in _first(dataset[0]).shape)
-    # Flips are drawn here, in the training process, from the generator reseeded every epoch, not in loader
-    # workers (whose generators persist across epochs): the run is then the same for any num_workers and resumes
-    # exactly.
-    flip = bool(getattr(dataset, "flip", False))
-    if flip:
-        dataset.flip = False
+    ctx = ctx or DistContext()
+    device = ctx.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed image sizes: let cuDNN pick its fastest kernels once
     _seed_everything(config.seed)  # the initial weights depend on the seed only
-    layout = memory_format(ctx.device)
-    model = build_model(config, image_shape).to(ctx.device).to(memory_format=layout)
+    layout = memory_format(device)
+    model = build_model(config, tuple(image_shape)).to(device).to(memory_format=layout)
+    model.autocast_dtype = autocast_dtype(config.precision, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    objective = make_objective(config)
-    run = _Run(config=config, ctx=ctx, model=model, step_module=model, optimizer=optimizer, objective=objective,
-               noise_params=model.noise_parameters(), loader=None, sampler=None, flip=flip, layout=layout,
-               bits=getattr(dataset, "bits", None) or 8, dim=math.prod(image_shape))
+    objective = make_objective(config).to(device)
+    run = Run(config=config, ctx=ctx, model=model, step_module=model, optimizer=optimizer, objective=objective,
+              noise_params=model.noise_parameters(), layout=layout, bits=getattr(dataset, "bits", None) or 8,
+              dim=math.prod(image_shape))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         objective.load_state_dict({"lambda": state["lambda"], "lambda_entropy": state.get("lambda_entropy", 0.0)})
         run.history = list(state["history"])
         run.train_seconds = float(state["train_seconds"])
-    run.step_module = wrap_model(_LossTerms(model, objective.uses_entropy), ctx)
+    module: nn.Module = _LossTerms(model, objective.uses_entropy, forward_fn)
+    if config.compile:
+        module = torch.compile(module)
+    run.step_module = wrap_model(module, ctx)
+    if dataset is None:
+        return run
+    run.dataset = dataset
+    # Flips are drawn here, in the training process, from the generator reseeded every epoch, not in loader
+    # workers (whose generators persist across epochs): the run is then the same for any num_workers and resumes
+    # exactly.
+    run.flip = bool(getattr(dataset, "flip", False))
+    if run.flip:
+        dataset.flip = False
     run.sampler = make_sampler(dataset, ctx, config.seed, shuffle=True)
-    run.loader = make_loader(dataset, config.batch_size, shuffle=False, seed=config.seed,
-                             num_workers=config.num_workers, drop_last=False, sampler=run.sampler)
+    if config.data_on_device:
+        images = getattr(dataset, "images", None)
+        if not isinstance(images, torch.Tensor) or not hasattr(dataset, "unit"):
+            raise ValueError(f"data_on_device: needs a data set held in memory as one tensor; {config.dataset!r} "
+                             f"is decoded on demand here, use data_on_device=False")
+        run.device_images = images.to(device)
+    else:
+        run.loader = make_loader(dataset, config.batch_size, shuffle=False, seed=config.seed,
+                                 num_workers=config.num_workers, drop_last=False, sampler=run.sampler)
     return run
 
 
-def _step(run: _Run, x: torch.Tensor, pretrain: bool, where: str) -> torch.Tensor:
-    """One optimiser step on the batch ``x`` (already on the device, flipped and dequantised). Returns the
-    process-summed float64 statistics [loss, nll sum, kl sum, entropy sum, images]. A non-finite loss or
-    gradient raises FloatingPointError (``where`` says which epoch and batch) before the parameters change."""
+def train_step(run: Run, x: torch.Tensor, pretrain: bool = False, where: str = "this step") -> torch.Tensor:
+    """One optimiser step on the batch ``x`` (on the device, flipped and dequantised: `_batches`). Returns the
+    process-summed float64 statistics [loss, nll sum, kl sum, entropy sum, images] on the device.
+
+    One host synchronisation, the NaN guard: a non-finite loss or gradient raises FloatingPointError (``where``
+    names the batch) before the parameters change. Everything else, the multipliers included, stays on the device.
+    """
     objective, ctx = run.objective, run.ctx
-    terms = run.step_module(x)
+    with deferred_checks():  # the guard below sees what the likelihood's own checks would
+        terms = run.step_module(x)
     nll, kl = terms[0], terms[1]
     entropy = terms[2] if objective.uses_entropy else None
     loss = objective.loss(nll, kl, entropy)
@@ -237,67 +279,76 @@ def _step(run: _Run, x: torch.Tensor, pretrain: bool, where: str) -> torch.Tenso
         for p in run.noise_params:
             p.grad = None
     grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-    grad_sum = torch.stack([g.sum() for g in grads]).sum() if grads else torch.zeros((), device=x.device)
-    ent_sum = entropy.detach().sum() if entropy is not None else torch.zeros((), device=x.device)
-    local = torch.stack([loss.detach(), nll.detach().sum(), kl.detach().sum(), ent_sum,
-                         torch.tensor(float(x.shape[0]), device=x.device)]).double().cpu()
-    viol = torch.tensor(objective.violations(kl, entropy), dtype=torch.float64)
-    packed = all_reduce_sum(torch.cat([local, viol, grad_sum.detach().double().cpu().view(1)]), ctx)
-    if not torch.isfinite(packed).all():
-        what = "loss" if not torch.isfinite(packed[:5]).all() else "gradient"
+    grad_sum = torch.stack([g.sum() for g in grads]).sum() if grads else loss.new_zeros(())
+    ent_sum = entropy.detach().sum() if entropy is not None else loss.new_zeros(())
+    packed = torch.cat([torch.stack([loss.detach(), nll.detach().sum(), kl.detach().sum(), ent_sum]).double(),
+                        loss.new_full((1,), x.shape[0], dtype=torch.float64), objective.violations(kl, entropy),
+                        grad_sum.detach().double().view(1)])
+    packed = all_reduce_sum(packed, ctx)
+    if not bool(torch.isfinite(packed).all()):  # the step's one host synchronisation
+        what = "loss" if not bool(torch.isfinite(packed[:5]).all()) else "gradient"
         raise FloatingPointError(f"non-finite {what} at {where}: training stopped before the optimiser step")
     run.optimizer.step()
-    objective.update((packed[5:5 + len(viol)] / ctx.world_size).tolist())
+    objective.update(packed[5:-1] / ctx.world_size)
     return packed[:5]
 
 
-def _epoch(run: _Run, epoch: int, bar: Any) -> dict[str, Any]:
-    """Train epoch ``epoch`` (0-based); return its metric row (also appended to ``run.history``)."""
+def _batches(run: Run):
+    """The epoch's batches, on the device, flipped and dequantised (the sampler's epoch must be set)."""
     from .data import flip_batch
 
+    config, device = run.config, run.ctx.device
+    if run.device_images is not None:
+        order = torch.tensor(list(iter(run.sampler)), dtype=torch.long)
+        source = (run.dataset.unit(run.device_images[idx.to(device)]) for idx in order.split(config.batch_size))
+    else:
+        source = (_first(batch) for batch in run.loader)
+    for x in source:
+        if run.flip:
+            x = flip_batch(x)  # the global generator, reseeded every epoch (exact resume)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=run.layout)
+        if config.dequantize:
+            x = dequantize(x, bits=run.bits)  # the same generator
+        yield x
+
+
+def train_epoch(run: Run, epoch: int, bar: Any = None) -> dict[str, Any]:
+    """Train epoch ``epoch`` (0-based); return its metric row (also appended to ``run.history``). Statistics are
+    summed on the device and read once, at the end of the epoch."""
     config, ctx, objective = run.config, run.ctx, run.objective
     torch.manual_seed(_epoch_seed(config.seed, ctx.rank, epoch))
     run.sampler.set_epoch(epoch)
     pretrain = epoch < config.pretrain_epochs
     run.model.train()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, nll, kl, entropy, images
+    sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # loss, nll, kl, entropy, images
     t0 = time.perf_counter()
-    for batch_idx, batch in enumerate(run.loader):
-        x = _first(batch)
-        if run.flip:
-            x = flip_batch(x)  # the global generator, reseeded every epoch (exact resume)
-        x = x.to(ctx.device, non_blocking=True).contiguous(memory_format=run.layout)
-        if config.dequantize:
-            x = dequantize(x, bits=run.bits)  # the same generator
+    for batch_idx, x in enumerate(_batches(run)):
         try:
-            stats = _step(run, x, pretrain, f"epoch {epoch + 1}, batch {batch_idx + 1} (1-based)")
+            sums += train_step(run, x, pretrain, f"epoch {epoch + 1}, batch {batch_idx + 1} (1-based)")
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}; the last good checkpoint ({'none yet' if not epoch else epoch} "
                                      f"epochs) is left intact") from None
-        sums += stats
         if bar is not None:
-            n = float(stats[4])
             bar.update(1)
-            bar.set_postfix_str(f"ep {epoch + 1}/{config.epochs} nll {float(stats[1]) / n:.4g} "
-                                f"kl {float(stats[2]) / n:.3g} λ {objective.lam:.3g}", refresh=False)
+    loss, nll, kl, ent, n = sums.tolist()
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
-    n = float(sums[4])
+    if bar is not None:
+        bar.set_postfix_str(f"ep {epoch + 1}/{config.epochs} nll {nll / n:.4g} kl {kl / n:.3g} λ {objective.lam:.3g}")
     row: dict[str, Any] = {
-        "epoch": epoch + 1, "loss": float(sums[0]) / n, "nll": float(sums[1]) / n,
-        "nll_bpd": float(bits_per_dim(float(sums[1]) / n, run.dim, bits=run.bits if config.dequantize else 0)),
-        "kl": float(sums[2]) / n, "target_kl": config.target_kl if config.beta is None else float("nan"),
+        "epoch": epoch + 1, "loss": loss / n, "nll": nll / n,
+        "nll_bpd": float(bits_per_dim(nll / n, run.dim, bits=run.bits if config.dequantize else 0)),
+        "kl": kl / n, "target_kl": config.target_kl if config.beta is None else float("nan"),
         "lambda": objective.lam,
     }
     if objective.uses_entropy:
-        row.update(entropy=float(sums[3]) / n, entropy_target=config.entropy_target,
-                   lambda_entropy=objective.lam_entropy)
+        row.update(entropy=ent / n, entropy_target=config.entropy_target, lambda_entropy=objective.lam_entropy)
     row.update(pretrain=int(pretrain), images=int(n), seconds=seconds, train_seconds=run.train_seconds)
     run.history.append(row)
     return row
 
 
-def _save(run: _Run, out_dir: Path, image_shape: list[int], writer: Any) -> None:
+def _save(run: Run, out_dir: Path, image_shape: list[int], writer: Any) -> None:
     """Rank 0: the checkpoint (with its digests), metrics.csv and TensorBoard scalars after an epoch."""
     model_state, optim_state = run.model.state_dict(), run.optimizer.state_dict()
     epoch = run.history[-1]["epoch"]
@@ -320,10 +371,10 @@ def _save(run: _Run, out_dir: Path, image_shape: list[int], writer: Any) -> None
 def _train(config: TrainConfig, out_dir: Path, state: dict | None, dataset, progress: bool,
            ctx: DistContext) -> dict:
     wall_start = time.perf_counter()
-    run = _setup(config, state, dataset, ctx)
+    image_shape = [int(v) for v in (dataset.images.shape[1:] if hasattr(dataset, "images")
+                                    else _first(dataset[0]).shape)]
+    run = setup_run(config, tuple(image_shape), ctx, dataset=dataset, state=state)
     start_epoch = int(state["epoch"]) if state is not None else 0
-    image_shape = list(dataset.images.shape[1:]) if hasattr(dataset, "images") else list(_first(dataset[0]).shape)
-    image_shape = [int(s) for s in image_shape]
 
     writer = None
     if ctx.is_main:
@@ -339,11 +390,11 @@ def _train(config: TrainConfig, out_dir: Path, state: dict | None, dataset, prog
     bar = None
     if progress and ctx.is_main and config.epochs > start_epoch:
         from tqdm.auto import tqdm
-        bar = tqdm(total=(config.epochs - start_epoch) * len(run.loader), desc="train", dynamic_ncols=True,
-                   file=sys.stderr)
+        steps = math.ceil(len(run.sampler) / config.batch_size)
+        bar = tqdm(total=(config.epochs - start_epoch) * steps, desc="train", dynamic_ncols=True, file=sys.stderr)
     try:
         for epoch in range(start_epoch, config.epochs):
-            _epoch(run, epoch, bar)
+            train_epoch(run, epoch, bar)
             if ctx.is_main:
                 _save(run, out_dir, image_shape, writer)
     finally:
@@ -394,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset")
     p.add_argument("--root")
     p.add_argument("--head", choices=HEADS)
+    p.add_argument("--arch", choices=ARCHS, help="resnet (light) | authors (the paper's network; the paper preset)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="encoder and trunk: fp32 | bf16 (autocast) | auto (bf16 on CUDA, fp32 on the CPU; default); "
+                        "the likelihood is float32 always")
     p.add_argument("--image-size", type=_image_size, dest="image_size")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     for name, typ in [("rank", int), ("latent", int), ("width", int), ("levels", int), ("epochs", int),
@@ -403,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None, dest="data_on_device",
+                   help="keep the whole uint8 training set on the device (small data sets on a GPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     return p
 
 

@@ -508,13 +508,13 @@ def test_broadcast_parameters_and_expand():
 
 def test_capacitance_cholesky_is_computed_once(monkeypatch):
     calls = []
-    real = dist_mod._capacitance_cholesky
+    real = dist_mod._capacitance_factor
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(dist_mod, "_capacitance_cholesky", counting)
+    monkeypatch.setattr(dist_mod, "_capacitance_factor", counting)
     loc, P, d, x = make_case((3,), D=20, R=4, seed=18)
     m = LowRankNormal(loc, P, d)
     assert not calls  # lazy: nothing factorised at construction

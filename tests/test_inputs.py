@@ -252,7 +252,7 @@ def test_resume_takes_the_stored_configuration(smoke_run, tmp_path, capsys):
     rc, _, err = _cli(capsys, "--config", "cpu", "--resume", "--epochs", "4", "--out", str(run))
     assert rc == 2
     _one_line_error(err, r"^error: (rank|width|latent): the run being resumed was trained with \1=\d+, got \d+ "
-                         r"\(only epochs, device, num_workers, root may change on --resume\)")
+                         r"\(only epochs, device, num_workers, root, data_on_device, compile may change on --resume\)")
     rc, _, err = _cli(capsys, "--resume", "--latent", "9", "--epochs", "4", "--out", str(run))
     assert rc == 2
     _one_line_error(err, r"^error: latent: the run being resumed was trained with latent=4, got 9")

@@ -5,6 +5,7 @@ line and the run directory."""
 import csv
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -196,3 +197,112 @@ def test_cli_resume_equals_a_straight_run_with_two_threads_and_with_workers(tmp_
 def test_the_cpu_never_uses_channels_last():
     assert train_mod.memory_format(torch.device("cpu")) == torch.contiguous_format
     assert train_mod.memory_format(torch.device("cuda", 0)) == torch.channels_last
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No host synchronisation in a step but the NaN guard's one scalar (on a GPU every read-back stalls the queue).
+
+_READ_BACKS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy")
+
+
+def _count_read_backs(fn) -> int:
+    """Calls that read a tensor back to the host (bool(t), float(t), .item(), .tolist(), .cpu(), .numpy())
+    while ``fn`` runs, from any code (ours, torch.distributions' argument validation, ...) except torch.optim,
+    whose step counters stay on the host by design (Adam's ``step`` is a CPU tensor on CUDA too). On the CPU they
+    cost nothing, on CUDA each one waits for the device, so their count is what a GPU step would wait for."""
+    import collections
+
+    counts: collections.Counter = collections.Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in _READ_BACKS}
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            if f"torch{os.sep}optim{os.sep}" not in sys._getframe(1).f_code.co_filename:
+                counts[name] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name, original in saved.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        fn()
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+    return sum(counts.values())
+
+
+@pytest.mark.parametrize("head, extra", [("lowrank", {}), ("lowrank-diag", {"entropy_target": -500.0}),
+                                         ("diagonal", {}), ("lowrank", {"beta": 1.0})])
+def test_a_step_reads_back_one_scalar(head, extra):
+    config = smoke(head=head, **extra)
+    run = train_mod.setup_run(config, (1, 16, 16))
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    train_mod.train_step(run, x)  # warm-up
+    steps = 4
+    assert _count_read_backs(lambda: [train_mod.train_step(run, x) for _ in range(steps)]) == steps
+    assert isinstance(run.objective.lam, float) and run.objective.lam >= 0
+
+
+def test_guard_still_names_a_non_finite_loss():
+    run = train_mod.setup_run(smoke(), (1, 16, 16))
+    x = torch.rand(4, 1, 16, 16)
+    x[1, 0, 3, 3] = float("nan")
+    before = weights_digest(run.model)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at this step: training stopped before"):
+        train_mod.train_step(run, x)
+    assert weights_digest(run.model) == before
+
+
+def test_data_on_device_gives_the_same_weights(tmp_path):
+    cfg = smoke(epochs=2, max_items=24, batch_size=5)
+    a = train(cfg, tmp_path / "loader", progress=False)
+    b = train(cfg.replace(data_on_device=True), tmp_path / "device", progress=False)
+    assert a["weights_sha256"] == b["weights_sha256"]
+    with pytest.raises(ValueError, match="^data_on_device: must be True or False"):
+        cfg.replace(data_on_device="yes")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixed precision: encoder and trunk in bfloat16, the likelihood in float32.
+
+def test_bf16_autocasts_the_trunk_and_keeps_the_likelihood_float32(monkeypatch):
+    from sosvae_lib.distributions import LowRankNormal
+
+    seen = {}
+    original = LowRankNormal.log_prob
+
+    def recording(self, value):
+        seen["loc"], seen["factor"], seen["value"] = self.loc.dtype, self.cov_factor.dtype, value.dtype
+        return original(self, value)
+
+    monkeypatch.setattr(LowRankNormal, "log_prob", recording)
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = train_mod.setup_run(smoke(precision=precision), (1, 16, 16))
+        trunk_out = {}
+        run.model.trunk.register_forward_hook(lambda m, i, o: trunk_out.update(dtype=o.dtype))
+        stats = train_mod.train_step(run, x)
+        losses[precision] = float(stats[0])
+        assert trunk_out["dtype"] == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        assert seen == {"loc": torch.float32, "factor": torch.float32, "value": torch.float32}, precision
+        out = run.model(x)
+        assert out["nll"].dtype == out["kl"].dtype == torch.float32
+    # the first step's loss (same weights, same noise): bfloat16 keeps ~3 significant digits in the trunk
+    assert abs(losses["bf16"] - losses["fp32"]) <= 1e-2 * abs(losses["fp32"]), losses
+
+
+def test_bf16_smoke_training_runs(tmp_path):
+    s = train(smoke(precision="bf16", epochs=2, head="lowrank-diag"), tmp_path, progress=False)
+    assert s["complete"] and math.isfinite(s["final"]["nll"])
+    model, config = load_run(tmp_path)
+    assert config.precision == "bf16" and model.autocast_dtype is None  # evaluation runs in float32
+
+
+def test_precision_choice():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert train_mod.autocast_dtype("fp32", gpu) is None and train_mod.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert train_mod.autocast_dtype("auto", cpu) is None
+    with pytest.raises(ValueError, match="^precision: must be one of auto, fp32, bf16"):
+        TrainConfig.preset("smoke", precision="fp16")
