@@ -141,7 +141,7 @@ def _tiny_vae(head: str = "lowrank"):
     from sosvae_lib.model import VAE
 
     torch.manual_seed(0)
-    model = VAE((1, 8, 8), latent=3, head=head, rank=2, width=4, levels=2).double().eval()
+    model = VAE((1, 8, 8), latent=3, head=head, rank=2, width=4, levels=2).eval()  # float32, as trained
     with torch.no_grad():  # a factor far from its near-zero initialisation
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -150,7 +150,7 @@ def _tiny_vae(head: str = "lowrank"):
 
 def test_model_wrapper_iwae_variant_and_calibrate_model():
     model = _tiny_vae()
-    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(9), dtype=F64)
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(9))
     cal = C.calibrate_model(model, images, batch_size=4, dequantize=False)
     # the model-level fit is the tensor-level fit on the reconstructions p(x | z = posterior mean)
     with torch.no_grad():
@@ -162,12 +162,12 @@ def test_model_wrapper_iwae_variant_and_calibrate_model():
     assert C.with_diag_scale(model, None) is model
     assert wrapped.latent_dim == 3 and wrapped.rank == 2
     with torch.no_grad():
-        assert torch.allclose(wrapped.decode(model.encode(images).loc).cov_diag, torch.full((6, 64), cal.eps, dtype=F64))
+        assert torch.allclose(wrapped.decode(model.encode(images).loc).cov_diag, torch.full((6, 64), cal.eps))
     # IWAE of the wrapped model = the 'variants' bound from the same importance samples
     both = M.iwae_log_likelihood(model, images, k=3, generator=torch.Generator().manual_seed(1),
                                  variants=dict(cal=lambda p: C.rescale_diagonal(p, cal.scale)))
     alone = M.iwae_log_likelihood(wrapped, images, k=3, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(both["log_likelihood_cal"], alone["log_likelihood"], rtol=1e-10)
+    assert torch.allclose(both["log_likelihood_cal"], alone["log_likelihood"], rtol=1e-6)
     assert float(both["log_likelihood_cal"].mean()) > float(both["log_likelihood"].mean())
     with pytest.raises(ValueError, match="^model:"):
         C.calibrate_model(_tiny_vae("diagonal"), images)
