@@ -13,11 +13,14 @@ ARGS   ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# facenet-pytorch: the face detector of the CelebA sample-quality metrics (its weights ship in the package); its
+# metadata pins an old torch and numpy, so it is installed without dependencies (the ones it uses are here).
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[notebooks,dev]"
+	$(PY) -m pip install --no-deps facenet-pytorch==2.6.0
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
