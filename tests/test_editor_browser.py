@@ -6,13 +6,13 @@ counts them). Skipped, with the reason, when chromium, chromedriver, selenium or
 installs them. About 50 s on 2 cores.
 
 The screenshot of the editor after the two strokes is written to the test's temporary folder, and (JupyterLab's)
-also to ``$SOSVAE_EDITOR_SCREENSHOT`` when that is set. The model is a smoke-preset run trained here, or the run directory
-``$SOSVAE_EDITOR_RUN``. The README's picture was made with
+also to ``$SOSVAE_EDITOR_SCREENSHOT`` when that is set. The model is a smoke-preset run trained here, or the run
+directory ``$SOSVAE_EDITOR_RUN``. The README's picture (results/editor/editor_two_strokes.png) was made with
 
+    python -m sosvae_lib.train --config cpu --dataset orl --head lowrank --rank 25 --image-size 64 \\
+        --out runs/orl-lowrank-r25
     SOSVAE_EDITOR_RUN=runs/orl-lowrank-r25 SOSVAE_EDITOR_SCREENSHOT=results/editor/editor_two_strokes.png \\
         .venv/bin/python -m pytest -q tests/test_editor_browser.py
-
-on a ``cpu``-preset ORL run (`python -m sosvae_lib.train --config cpu --dataset orl --out runs/orl-lowrank-r25`).
 """
 
 from __future__ import annotations
