@@ -257,6 +257,9 @@ class Editor:
                 raise ValueError("image: must be None when source is a distribution (it is what is edited)")
             if image_shape is None:
                 raise ValueError("image_shape: required (C, H, W) when source is a distribution")
+            if source.observed is not None:
+                raise ValueError("source: is a conditional distribution; give the unconditioned one (strokes are "
+                                 "what the editor conditions on)")
         elif hasattr(source, "decode") and hasattr(source, "latent_dim"):
             self.model = source
         else:

@@ -223,6 +223,8 @@ def test_constructor_errors_name_the_parameter():
         E.Editor(lowrank(), image_shape=(1, 4, 4))
     with pytest.raises(TypeError, match=r"^source:"):
         E.Editor(42)
+    with pytest.raises(ValueError, match=r"^source: is a conditional"):
+        E.Editor(lowrank().condition(expected_mask([(0, 0)]), torch.zeros(1, D)), image_shape=SHAPE)
     with pytest.raises(ValueError, match=r"^image: must be None when source is a distribution"):
         E.Editor(lowrank(), image=0, image_shape=SHAPE)
     with pytest.raises(ValueError, match=r"^seed:"):
