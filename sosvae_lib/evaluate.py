@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from . import metrics as M
-from .config import check_int
+from .config import USAGE_ERRORS, check_int
+from .distributed import resolve_device
 from . import faces
 from .calibration import CALIBRATION_FILE, Calibration, calibrate_model, rescale_diagonal
 from .pca import PCAModel, fit_pca
@@ -191,6 +192,7 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    model.eval()  # BatchNorm (arch "authors") must use its running statistics, not the batch's
     n, image_shape, d, gen, masks, scores = _setup(images, patch, seed)
     rescale = None if diag_scale is None else (lambda dist: rescale_diagonal(dist, diag_scale))
     ll, ll_cal, elbo, kl, factors = [], [], [], [], []
@@ -351,9 +353,7 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir: {run_dir} is not a directory; give the --out folder of a training run")
-    device = o["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(o["device"]))  # a GPU that is not there: one line, before the checkpoint is read
     start_time = time.perf_counter()
     model, config = load_run(run_dir, device=device)
     summary_path = run_dir / SUMMARY
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                           dequantize=args.dequantize, device=args.device, progress=not args.no_progress,
                           calibrate=not args.no_calibrate, calibration_images=args.calibration_images,
                           faces=not args.no_faces, face_images=args.face_images)
-    except (ValueError, FileNotFoundError) as err:
+    except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, sort_keys=True))

@@ -145,6 +145,15 @@ def test_device_that_is_not_there(tmp_path, capsys):
     assert rc == 2 and "device: must be one of auto, cpu, cuda or 'cuda:N', got 'gpu0'" in err
 
 
+def test_evaluate_on_a_device_that_is_not_there(smoke_run, capsys):
+    rc = evaluate.main([str(smoke_run), "--device", "cuda:7", "--no-pca", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    _one_line_error(err, r"^error: device: 'cuda:7' was asked for but (no CUDA device is available here|this "
+                         r"machine has \d+ CUDA device)")
+    assert not (smoke_run / "eval_test.json").exists()
+
+
 def test_zero_epochs_is_refused(tmp_path, capsys):
     rc, _, err = _cli(capsys, *SMOKE, "--epochs", "0", "--out", str(tmp_path / "r"))
     assert rc == 2
