@@ -100,7 +100,8 @@ class LazyImages:
         except Exception as err:  # noqa: BLE001 — one message naming the file
             raise ValueError(f"{self.what}: cannot read image file {self.files[i]}, unreadable or corrupt "
                              f"({type(err).__name__}: {err})") from None
-        return torch.from_numpy(_common_depth([arr], self.dtype == torch.int32)[0]).permute(2, 0, 1)
+        arr = _common_depth([arr], self.dtype == torch.int32)[0]
+        return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
 
     def __len__(self) -> int:
         return len(self.files)
