@@ -347,3 +347,17 @@ def test_train_notebook_names_a_string_override(tmp_path):
     assert info.value.evalue.startswith("overrides: must be a dict of names to values")
     assert "got the str 'epochs=2'" in info.value.evalue
     assert not out_dir.exists()
+
+
+def test_metrics_notebook_names_a_string_eval_options(tmp_path):
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError) as info:
+        pm.execute_notebook(str(REPO / "notebooks" / "05_metrics.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters=dict(eval_options="k=16", runs_dir=str(tmp_path / "runs"),
+                                            train_missing=False, evaluate_missing=False,
+                                            tables_dir=str(tmp_path / "tables"), figures_dir=str(tmp_path / "fig")),
+                            cwd=str(REPO / "notebooks"), progress_bar=False, kernel_name="python3")
+    assert info.value.ename == "ValueError"
+    assert info.value.evalue.startswith("eval_options: must be a dict of names to values, e.g. {\"k\": 16}")
+    assert not (tmp_path / "tables").exists()
