@@ -588,8 +588,7 @@ class LowRankNormal(_PixelGaussian):
         if validate_args:
             for pname, t, ev in (("loc", loc, 1), ("cov_factor", cov_factor, 2)):
                 _check_values(t.expand(*batch_shape, *t.shape[-ev:]), pname, name, batch_shape, ev)
-            _check_values(diag.expand(*batch_shape, D) if diag.dim() else diag, "cov_diag", name, batch_shape,
-                          1 if diag.dim() else 0, positive=True)
+            self._checked_diag()
 
     # -- basic properties ---------------------------------------------------------------------------
     @property
@@ -840,8 +839,7 @@ class DiagonalNormal(_PixelGaussian):
         super().__init__(batch_shape, torch.Size([D]), validate_args=False)
         if validate_args:
             _check_values(self.loc, "loc", name, batch_shape, 1)
-            _check_values(diag.expand(*batch_shape, D) if diag.dim() else diag, "cov_diag", name, batch_shape,
-                          1 if diag.dim() else 0, positive=True)
+            self._checked_diag()
 
     @property
     def rank(self) -> int:
