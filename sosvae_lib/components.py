@@ -411,7 +411,8 @@ def component_sweeps(dist: Any, image_shape: Shape, ts: Sequence[float] | torch.
 
     live = w > w[0] * 1e-10 if w[0] > 0 else torch.zeros_like(w, dtype=torch.bool)
     gram = u[:, live].T @ u[:, live]
-    ortho = float((gram - torch.eye(int(live.sum()), dtype=gram.dtype)).abs().max()) if live.any() else 0.0
+    ortho = (float((gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max())
+             if live.any() else 0.0)
     return Sweeps(image_shape=tuple(image_shape), ts=ts.cpu(), mean=dist.loc.detach().reshape(-1).cpu(),
                   columns=sweep(eye[order]), principal=sweep(v[:, :k].T.to(factor)),
                   eigenvalues=w.cpu(), column_norms=norms.cpu(), orthonormality_error=ortho,

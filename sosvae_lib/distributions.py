@@ -15,6 +15,12 @@ nothing of size D×D (or m×m for m observed pixels) is ever formed, and only Ch
 used (batched LU inverse/solve was seen to fail in oneMKL on this project's CPUs). The R×R algebra runs
 in float64 whatever the input dtype: it is tiny and it keeps float32 results close to float64 ones.
 
+Devices and precision: every result lives on loc's device. A 0-dim CPU cov_diag (``torch.tensor(1e-5)``) is
+accepted with parameters on a GPU and lifted there without a copy (`_diag_on`); any other tensor on another device
+is refused when the distribution is built. The public computations run with autocast off for loc's device type
+(`_autocast_off`): under a caller's bf16 autocast they compute exactly what they compute without it, in the
+parameters' dtype (a bf16 residual x − μ − P z moves the NLL by hundreds of nats at d = 1e-5).
+
 Checks and host synchronisation: each `log_prob` / `entropy` checks its inputs with one host synchronisation (a
 single flag covering non-finite or non-positive inputs and a failed Cholesky). Inside `deferred_checks()` it makes
 none: a bad input then shows up as a non-finite result, which the caller checks (the trainer's one-scalar NaN
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Any, Callable, Iterator, Sequence
 
@@ -71,13 +78,71 @@ def _as_tensor(value, name: str, like: torch.Tensor | None = None) -> torch.Tens
     if isinstance(value, torch.Tensor):
         t = value
     elif isinstance(value, (int, float)):
-        t = torch.tensor(float(value), dtype=like.dtype if like is not None else torch.get_default_dtype(),
-                         device=like.device if like is not None else None)
+        # new_full fills on the device: no host-to-device copy (torch.tensor(..., device=) makes one)
+        t = (like.new_full((), float(value)) if like is not None
+             else torch.tensor(float(value), dtype=torch.get_default_dtype()))
     else:
         raise TypeError(f"{name} must be a torch.Tensor or a float, got {type(value).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got dtype {t.dtype}")
     return t
+
+
+def _diag_on(diag: torch.Tensor, loc: torch.Tensor, owner: str) -> torch.Tensor:
+    """The variances ``diag`` (scalar or [..., D]) on loc's device.
+
+    A 0-dim CPU tensor (the README's ε = ``torch.tensor(1e-5)``) with parameters elsewhere is lifted through an
+    elementwise op, whose CPU scalar operand a GPU reads as a kernel argument: no copy and no host
+    synchronisation (``.to(device)`` would make a blocking pageable copy at every construction). Once lifted, every
+    quantity derived from it (Σ log d expanded over the batch, masked or expanded variances) is made on the device.
+    Any other tensor on another device is refused here rather than deep inside a kernel.
+    """
+    if diag.device == loc.device:
+        return diag
+    if diag.dim() == 0 and diag.device.type == "cpu":
+        return loc.new_zeros(()) + diag
+    raise ValueError(f"{owner}: cov_diag is on {diag.device} but loc is on {loc.device}; move it to "
+                     f"{loc.device} (only a 0-dim CPU scalar may stay on the CPU)")
+
+
+def _same_device(t: torch.Tensor, name: str, owner: str, loc: torch.Tensor) -> torch.Tensor:
+    """``t`` unchanged if it is on loc's device; else a ValueError naming it."""
+    if t.device != loc.device:
+        raise ValueError(f"{owner}: {name} is on {t.device} but loc is on {loc.device}; move it to {loc.device}")
+    return t
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for ``device_type`` if a caller's region enabled it (else a no-op).
+
+    Inside an autocast region bmm / baddbmm / matmul would run in bf16 or fp16: the residual x − μ − P z and the
+    Gram matrix PᵀP lose all accuracy when d is small. The likelihood, the conditional and the samples therefore
+    always compute in the parameters' own dtype, whatever region the caller opened (the model's heads already
+    produce float32 parameters under autocast)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _no_autocast(method: Callable) -> Callable:
+    """Decorator: run a distribution method under `_autocast_off` for its loc's device type."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _autocast_off(self.loc.device.type):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _check_generator(generator: Any, loc: torch.Tensor, owner: str) -> None:
+    """A ``generator`` for draws on loc's device: None, or a torch.Generator on that device type (a CPU
+    generator feeding a GPU draw is an error on CUDA, and would be a host round trip if it were not)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch._C.Generator):
+        raise TypeError(f"{owner}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != loc.device.type:
+        raise ValueError(f"{owner}: generator is on {generator.device.type} but the distribution is on {loc.device}; "
+                         f"use torch.Generator(device={str(loc.device)!r})")
 
 
 def _same_dtype(t: torch.Tensor, name: str, owner: str, like: torch.Tensor) -> torch.Tensor:
@@ -371,6 +436,12 @@ class _LowRankTerms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_maha, g_logdet, _g_L):
+        # the caller may run backward inside its autocast region: the gradients are computed in P's dtype too
+        with _autocast_off(ctx.saved_tensors[0].device.type):
+            return _LowRankTerms._backward(ctx, g_maha, g_logdet)
+
+    @staticmethod
+    def _backward(ctx, g_maha, g_logdet):
         P, diag, L, Z, w = ctx.saved_tensors
         need_loc, need_P, need_d, need_x, _ = ctx.needs_input_grad
         N, D, R = P.shape
@@ -490,17 +561,29 @@ class _PixelGaussian(Distribution):
             raise IndexError(f"{self._name}.covariance_row: i must be an int in [0, {self.D}), got {i!r}")
         return i
 
-    def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size(),
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """[*sample_shape, *batch, D] reparameterised draws: `from_noise` of standard normal noises drawn on loc's
+        device, the diagonal noise [*sample_shape, *batch, D] first, then the factor noise [..., R]; ``generator``
+        (on loc's device) makes them reproducible, None uses torch's global generator."""
         if (not isinstance(sample_shape, (tuple, list, torch.Size))
                 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sample_shape)):
             raise ValueError(f"{self._name}.sample: sample_shape must be a tuple of ints >= 0 (e.g. (8,) or ()), "
                              f"got {sample_shape!r}")
+        _check_generator(generator, self.loc, f"{self._name}.sample")
         shape = self._extended_shape(torch.Size(sample_shape))
-        eps_d = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        like = dict(dtype=self.loc.dtype, device=self.loc.device, generator=generator)
+        eps_d = torch.randn(shape, **like)
         eps_r = None
         if self.rank:
-            eps_r = torch.randn(*shape[:-1], self.rank, dtype=self.loc.dtype, device=self.loc.device)
+            eps_r = torch.randn(*shape[:-1], self.rank, **like)
         return self.from_noise(eps_r, eps_d)
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size(),
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """`rsample` without gradients."""
+        with torch.no_grad():
+            return self.rsample(sample_shape, generator)
 
     def _plus_diag_noise(self, out: torch.Tensor, diag_noise: torch.Tensor | None) -> torch.Tensor:
         """out + sqrt(d) ⊙ diag_noise (diag_noise [..., D]; None: out unchanged)."""
@@ -547,6 +630,7 @@ class LowRankNormal(_PixelGaussian):
         loc: [..., D] mean μ.
         cov_factor: [..., D, R] factor P (R may be 0).
         cov_diag: variances d > 0: a scalar (the paper's fixed ε = 1e-5) or anything broadcastable to loc.
+            cov_factor and cov_diag must be on loc's device, except a 0-dim CPU cov_diag (lifted, see `_diag_on`).
         validate_args: True checks every parameter eagerly (finite, d > 0). None/False skip that pass;
             non-finite parameters are then still caught, for free, from the R×R Gram matrix when first used.
 
@@ -572,7 +656,9 @@ class LowRankNormal(_PixelGaussian):
         if len({loc.dtype, cov_factor.dtype, cov_diag.dtype}) != 1:
             raise TypeError(f"{name}: loc, cov_factor and cov_diag must share one dtype, got "
                             f"{loc.dtype}, {cov_factor.dtype}, {cov_diag.dtype}")
+        _same_device(cov_factor, "cov_factor", name, loc)
         diag, diag_batch = _parse_diag(cov_diag, D, name)
+        diag = _diag_on(diag, loc, name)
         try:
             batch_shape = torch.broadcast_shapes(loc.shape[:-1], cov_factor.shape[:-2], diag_batch)
         except RuntimeError:
@@ -601,6 +687,7 @@ class LowRankNormal(_PixelGaussian):
         self._checked_diag()
         return self.cov_factor.square().sum(-1) + self.cov_diag
 
+    @_no_autocast
     def covariance_row(self, i: int) -> torch.Tensor:
         """[..., D] row i of P Pᵀ + diag(d): P P_iᵀ + d_i e_i (the Σ^(i) maps of the paper's figures)."""
         D, i = self.D, self._check_index(i)
@@ -612,6 +699,7 @@ class LowRankNormal(_PixelGaussian):
         return row + self.cov_diag[..., i:i + 1] * e
 
     @property
+    @_no_autocast
     def covariance_matrix(self) -> torch.Tensor:
         """[..., D, D] dense P Pᵀ + diag(d); only for D ≤ DENSE_COVARIANCE_LIMIT."""
         if self.D > DENSE_COVARIANCE_LIMIT:
@@ -682,6 +770,7 @@ class LowRankNormal(_PixelGaussian):
         return maha, logdet
 
     @property
+    @_no_autocast
     def _capacitance_tril(self) -> torch.Tensor:
         """Lazy, cached float64 Cholesky factor [N, R, R] of K = I + AᵀA (computed at most once)."""
         if "tril" not in self._cache:
@@ -690,6 +779,7 @@ class LowRankNormal(_PixelGaussian):
         return self._cache["tril"]
 
     # -- densities ----------------------------------------------------------------------------------
+    @_no_autocast
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """[*sample, *batch] log N(value; μ, Σ) = −½(D log 2π + log|Σ| + maha); a conditional scores only
         its unobserved pixels (observed entries of value are ignored)."""
@@ -698,6 +788,7 @@ class LowRankNormal(_PixelGaussian):
         n = self._n_free()
         return (-0.5 * (n * _LOG_2PI + logdet + maha)).to(self.loc.dtype)
 
+    @_no_autocast
     def entropy(self) -> torch.Tensor:
         """[*batch] ½ D (1 + log 2π) + ½ log|Σ| (over unobserved pixels for a conditional)."""
         cached = self._cache.get("logdet")
@@ -709,6 +800,7 @@ class LowRankNormal(_PixelGaussian):
         return (0.5 * n * (1.0 + _LOG_2PI) + 0.5 * logdet).to(self.loc.dtype)
 
     # -- sampling -----------------------------------------------------------------------------------
+    @_no_autocast
     def from_noise(self, factor_noise: torch.Tensor | None, diag_noise: torch.Tensor | None) -> torch.Tensor:
         """loc + P @ factor_noise + sqrt(d) ⊙ diag_noise, [..., D]; None means zeros.
 
@@ -727,6 +819,7 @@ class LowRankNormal(_PixelGaussian):
         return out
 
     # -- conditioning -------------------------------------------------------------------------------
+    @_no_autocast
     def condition(self, mask: torch.Tensor, values: torch.Tensor) -> "LowRankNormal":
         """The distribution of all D pixels given x = values on the pixels where mask is True.
 
@@ -808,7 +901,8 @@ class DiagonalNormal(_PixelGaussian):
     """N(loc, diag(cov_diag)): the pixel-wise independent baseline, with the interface of LowRankNormal.
 
     Args:
-        loc: [..., D] mean. cov_diag: variances > 0, a scalar or broadcastable to loc.
+        loc: [..., D] mean. cov_diag: variances > 0, a scalar or broadcastable to loc, on loc's device (a 0-dim
+            CPU scalar is lifted there, see `_diag_on`).
         validate_args: True checks the parameters eagerly (finite, variances > 0).
     cov_factor is an empty [..., D, 0] tensor and rank == 0. Conditioning sets observed pixels to their
     values with variance 0 and leaves unobserved pixels unchanged.
@@ -828,6 +922,7 @@ class DiagonalNormal(_PixelGaussian):
         if loc.dtype != cov_diag.dtype:
             raise TypeError(f"{name}: loc and cov_diag must share one dtype, got {loc.dtype}, {cov_diag.dtype}")
         diag, diag_batch = _parse_diag(cov_diag, D, name)
+        diag = _diag_on(diag, loc, name)
         try:
             batch_shape = torch.broadcast_shapes(loc.shape[:-1], diag_batch)
         except RuntimeError:
@@ -855,6 +950,7 @@ class DiagonalNormal(_PixelGaussian):
         self._checked_diag()
         return self.cov_diag
 
+    @_no_autocast
     def covariance_row(self, i: int) -> torch.Tensor:
         """[..., D] d_i e_i."""
         D, i = self.D, self._check_index(i)
@@ -864,6 +960,7 @@ class DiagonalNormal(_PixelGaussian):
         return row
 
     @property
+    @_no_autocast
     def covariance_matrix(self) -> torch.Tensor:
         if self.D > DENSE_COVARIANCE_LIMIT:
             raise ValueError(f"{self._name}.covariance_matrix: D={self.D} exceeds the dense limit "
@@ -889,6 +986,7 @@ class DiagonalNormal(_PixelGaussian):
             return (self.D * torch.log(d.to(torch.float64))).expand(self.batch_shape)
         return d.log().sum(-1, dtype=torch.float64).expand(self.batch_shape)
 
+    @_no_autocast
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """[*sample, *batch] −½ Σ_i (log 2π + log d_i + (x_i − μ_i)²/d_i), over unobserved pixels."""
         value = _same_dtype(_as_tensor(value, "value", self.loc), "value", f"{self._name}.log_prob", self.loc)
@@ -908,12 +1006,14 @@ class DiagonalNormal(_PixelGaussian):
             raise ValueError(f"{self._name}.log_prob: value has NaN or Inf entries")
         return (-0.5 * (self._n_free() * _LOG_2PI + self._logdet(d) + maha)).to(self.loc.dtype)
 
+    @_no_autocast
     def entropy(self) -> torch.Tensor:
         """[*batch] ½ Σ_i (1 + log 2π + log d_i) over unobserved pixels."""
         if _checking():
             self._checked_diag()
         return (0.5 * self._n_free() * (1.0 + _LOG_2PI) + 0.5 * self._logdet(self._free_diag())).to(self.loc.dtype)
 
+    @_no_autocast
     def from_noise(self, factor_noise: torch.Tensor | None, diag_noise: torch.Tensor | None) -> torch.Tensor:
         """loc + sqrt(d) ⊙ diag_noise ([..., D]); factor_noise must be None or [..., 0]."""
         if factor_noise is not None and (factor_noise.dim() < 1 or factor_noise.shape[-1] != 0):
@@ -925,6 +1025,7 @@ class DiagonalNormal(_PixelGaussian):
             out = out.expand(*torch.broadcast_shapes(out.shape[:-1], factor_noise.shape[:-1]), self.D)
         return out
 
+    @_no_autocast
     def condition(self, mask: torch.Tensor, values: torch.Tensor) -> "DiagonalNormal":
         """Observed pixels: mean = values, variance 0; unobserved pixels unchanged (independence)."""
         mask, values, batch = self._check_condition_args(mask, values)
