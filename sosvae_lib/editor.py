@@ -4,7 +4,8 @@ whole image by Gaussian conditioning, and the authors' sampler with one slider p
 
 `Editor` holds the state and works without any frontend: ``Editor(run_dir_or_model, image=...)``, then
 ``paint(points, value, width)``, ``image`` (the propagated image, [C, H, W]), ``undo()``, ``reset()``,
-``samples(n)``, ``directions()`` / ``explore(t)`` (principal directions of P Pᵀ) and ``set_eps(eps)``.
+``samples(n)``, ``directions()`` / ``explore(t)`` (principal directions of P Pᵀ) and ``set_eps(eps)`` (no smaller
+than ``min_eps``). The editing notebooks check their parameters and runs with `check_parameters` and `check_runs`.
 ``Editor.widget()`` builds the Jupyter widget (anywidget + ipywidgets, the ``notebooks`` extra) whose mouse and
 button handlers call exactly these methods.
 
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,7 +42,8 @@ from .config import check_int
 from .distributions import DiagonalNormal, LowRankNormal
 
 __all__ = ["Editor", "EditorSession", "screen_to_pixel", "stroke_pixels", "fraction_points", "default_width",
-           "calibrated_eps", "with_eps", "to_rgba", "scripted_session", "session_figure", "EditorUI"]
+           "calibrated_eps", "with_eps", "to_rgba", "scripted_session", "session_figure", "EditorUI",
+           "check_parameters", "check_runs", "RUN_HEADS", "EPS_ULPS"]
 
 Shape = tuple[int, int, int]
 CALIBRATION_FILE = "calibration.json"
@@ -184,15 +187,48 @@ def _check_eps(eps: Any) -> float | None:
 def with_eps(dist: LowRankNormal | DiagonalNormal, eps: float | None, fixed: bool) -> LowRankNormal | DiagonalNormal:
     """``dist`` with its diagonal replaced: for a fixed (scalar) diagonal (``fixed``, the ``lowrank`` head's ε),
     d = eps; for a learned one (``lowrank-diag``, ``diagonal``), d = eps · d. None returns ``dist`` unchanged.
-    μ and P are shared, not copied."""
+    μ and P are shared, not copied. A fixed eps must be a normal number of the distribution's dtype (it would
+    otherwise round to 0, a subnormal or inf); `Editor.set_eps` also refuses what conditioning cannot take."""
     eps = _check_eps(eps)
     if eps is None:
         return dist
     loc = dist.loc
+    info = torch.finfo(loc.dtype)
+    if fixed and not info.tiny <= eps <= info.max:
+        raise ValueError(f"eps: must lie in [{info.tiny:.3g}, {info.max:.3g}] (normal numbers of {loc.dtype}), got "
+                         f"{eps!r}")
     diag = torch.tensor(eps, dtype=loc.dtype, device=loc.device) if fixed else dist.cov_diag * eps
     if isinstance(dist, LowRankNormal):
         return LowRankNormal(loc, dist.cov_factor, diag)
     return DiagonalNormal(loc, diag)
+
+
+EPS_ULPS = 16
+"""The smallest diagonal `Editor.set_eps` accepts, in units of roundoff of each pixel's low-rank variance: every
+new d_i must be at least EPS_ULPS · u · ‖P_i‖² (u the unit roundoff of the model's dtype, 2⁻²³ for float32) and a
+normal number. Why: conditioning weighs the observed rows of P by d^{-1/2}, so K = I + Pᵀ_O D⁻¹ P_O has entries
+up to ‖P_i‖²/d_i; once d_i is below u·‖P_i‖² the diagonal is lost in the rounding of the variance ‖P_i‖² + d_i,
+the rounding of the Gram swamps the I it is added to, and for a stroke with fewer observed values than R the
+Cholesky of K fails or the edit is wrong. Measured (random factors, R = 2 and 25, D from 1·16·16 to 3·64·64, a
+one-pixel stroke against float64 conditioning, error relative to the largest change): at 0.1 u·‖P_i‖² the
+Cholesky fails or the error is up to 10; at 1 u·‖P_i‖², up to 1.3e-2; at 16, up to 6e-5; at 100, up to 9e-7.
+Strokes with more observed values than R stay at 2e-7 throughout. 16 keeps an edit well inside 1/255."""
+
+
+def _eps_range(dist: Any, fixed: bool) -> tuple[float, float]:
+    """[lowest, highest] ``eps`` that `with_eps` may apply to ``dist`` for conditioning in its dtype: every new
+    d_i ≥ max(EPS_ULPS · u · ‖P_i‖², tiny) (see `EPS_ULPS`) and ≤ the dtype's largest number. One read-back."""
+    info = torch.finfo(dist.loc.dtype)
+    with torch.no_grad():
+        floor = (EPS_ULPS * info.eps * dist.cov_factor.detach().double().square().sum(-1)).clamp_min(info.tiny)
+        floor = floor.reshape(-1)
+        if fixed:
+            low, high = floor.max(), torch.full_like(floor[0], info.max)
+        else:
+            d = dist.cov_diag.detach().double().expand(dist.loc.shape).reshape(-1)
+            low, high = (floor / d).max(), info.max / d.max()
+        low, high = torch.stack([low, high]).tolist()
+    return low, high
 
 
 def _fixed_diag(dist: Any, model: Any) -> bool:
@@ -207,6 +243,42 @@ def _fixed_diag(dist: Any, model: Any) -> bool:
 # -------------------------------------------------------------------------------------------------------------
 # The editor's state
 # -------------------------------------------------------------------------------------------------------------
+
+def _checked_image(image: Any, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+    """The image an editor encodes, [C, H, W] in ``dtype`` (on the image's device), from a tensor [C, H, W],
+    [1, C, H, W] or, for one channel, [H, W]: uint8 values 0…255 are divided by 255; a floating-point image is
+    cast and must be finite and in [0, 1], the range of the training data. Anything else (channels-last [H, W, C],
+    another shape, an integer or complex dtype, NaN or inf, floats outside [0, 1]) is a ValueError naming
+    ``image``: nothing is reshaped or rescaled silently."""
+    c, h, w = shape
+    expected = (f"[C, H, W] = [{c}, {h}, {w}] (or [1, C, H, W]" + ("; [H, W] for this one-channel model)" if c == 1
+                                                                 else ")"))
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"image: must be None, a test-image index or a tensor of shape {expected}, got "
+                         f"{image!r:.80}")
+    if image.dtype != torch.uint8 and not image.is_floating_point():
+        raise ValueError(f"image: dtype {image.dtype} is not an image dtype: give floats in [0, 1] or uint8 in 0…255")
+    size = tuple(image.shape)
+    if c > 1 and size == (h, w, c) and size != (c, h, w):
+        raise ValueError(f"image: has shape [H, W, C] = [{h}, {w}, {c}] (channels last); the editor takes "
+                         f"[C, H, W] = [{c}, {h}, {w}]: pass image.permute(2, 0, 1)")
+    if size not in ((c, h, w), (1, c, h, w)) and not (c == 1 and size == (h, w)):
+        raise ValueError(f"image: must be None, a test-image index or a tensor of shape {expected}, got shape "
+                         f"{list(size)}")
+    x = image.reshape(c, h, w)
+    if x.dtype == torch.uint8:
+        return x.to(dtype).div_(255)
+    x = x.to(dtype)
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"image: must be finite, got {bad} NaN or infinite value{'s' if bad > 1 else ''}")
+    lo, hi = torch.stack(list(torch.aminmax(x))).tolist()
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"image: float values must lie in [0, 1] (the range of the training data), got values in "
+                         f"[{lo:g}, {hi:g}]; for an image in 0…255 pass it as uint8 (divided by 255) or divide it "
+                         f"by 255")
+    return x
+
 
 @dataclass
 class _State:
@@ -230,13 +302,17 @@ class Editor:
             ``.image_shape``), or a decoded distribution (``LowRankNormal`` / ``DiagonalNormal`` with batch shape
             [] or [1], given with ``image_shape``).
         image: what is edited, for a run or a model: None, the mean of a prior draw z ~ N(0, I) (seeded by
-            ``seed``); a tensor [C, H, W], the mean of its reconstruction p(x | m(x)); an int, that image of the
-            run's test split (run directories only). Must be None for a distribution.
+            ``seed``); a tensor, the mean of its reconstruction p(x | m(x)); an int, that image of the run's test
+            split (run directories only). Must be None for a distribution. A tensor is [C, H, W] (or [1, C, H, W];
+            [H, W] for a one-channel model; channels-last [H, W, C] is refused, not reshaped), uint8 in 0…255
+            (divided by 255) or floating point in [0, 1], finite (anything else: a ValueError naming ``image``);
+            it is cast to the model's dtype and moved to its device.
         seed: seeds the prior draw and, by default, `samples`.
         eps: None keeps the trained diagonal; a number replaces it (`with_eps`: the scalar ε of a ``lowrank``
-            model, a multiplier of a learned diagonal).
-        calibrated: the calibrated ε offered by the widget's switch (same meaning as ``eps``); None reads it from
-            the run directory (`calibrated_eps`); without one the switch is hidden.
+            model, a multiplier of a learned diagonal), no smaller than `min_eps`.
+        calibrated: the calibrated ε offered by the widget's switch (same meaning and range as ``eps``); None
+            reads it from the run directory (`calibrated_eps`; a stored value out of range is ignored with a
+            warning); without one the switch is hidden.
         image_shape: (C, H, W); required for a distribution, read from the model otherwise.
         device: where a run directory is loaded (default cpu).
 
@@ -279,9 +355,18 @@ class Editor:
                              f"shape [] or [1], got {tuple(dist.batch_shape)} + {tuple(dist.event_shape)}")
         self._trained = dist if tuple(dist.batch_shape) == (1,) else dist.expand((1,))
         self._fixed = _fixed_diag(self._trained, self.model)
-        if calibrated is None and self.run_dir is not None:
-            calibrated = calibrated_eps(self.run_dir, self._fixed)
-        self.calibrated = _check_eps(calibrated)
+        self._eps_range: tuple[float, float] | None = None
+        if calibrated is not None:
+            self.calibrated = self._checked_eps(calibrated, "calibrated")
+        elif self.run_dir is not None and (stored := calibrated_eps(self.run_dir, self._fixed)) is not None:
+            try:
+                stored = self._checked_eps(stored, "calibrated")
+            except ValueError as err:
+                warnings.warn(f"{self.run_dir}: the stored calibration is not used: {err}", stacklevel=2)
+                stored = None
+            self.calibrated = stored
+        else:
+            self.calibrated = None
         self._eps: float | None = None
         self._base = self._trained
         empty = _State(torch.zeros(D, dtype=torch.bool, device=self._trained.loc.device),
@@ -290,20 +375,23 @@ class Editor:
         self.set_eps(eps)
 
     def _decode(self, image: torch.Tensor | int | None):
+        params = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
+        device = params.device if params is not None else torch.device("cpu")
         if image is None:
-            device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else "cpu"
             return self.model.decode(prior_latents(self.model.latent_dim, 1, self.seed).to(device))
         if isinstance(image, int) and not isinstance(image, bool):
             if self.config is None:
                 raise ValueError("image: an index into the test split needs a run directory as source; pass the "
                                  "image tensor [C, H, W] instead")
             from .reproduce import test_image
-            image = test_image(self.config, image)
-        if not isinstance(image, torch.Tensor) or image.numel() != math.prod(self.model.image_shape):
-            raise ValueError(f"image: must be None, a test-image index or a tensor of shape "
-                             f"{tuple(self.model.image_shape)}, got "
-                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else repr(image)}")
-        return reconstruction(self.model, image)
+            try:
+                image = test_image(self.config, check_int("image", image, 0))
+            except ValueError as err:  # test_image names its notebooks' parameter: here the index is `image`
+                if str(err).startswith("image_index:"):
+                    raise ValueError("image:" + str(err)[len("image_index:"):]) from None
+                raise
+        dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
+        return reconstruction(self.model, _checked_image(image, self.image_shape, dtype))
 
     # -- what is shown ---------------------------------------------------------------------------------------
     @property
@@ -329,6 +417,37 @@ class Editor:
     def eps(self) -> float | None:
         """The ε in use (None: the trained diagonal)."""
         return self._eps
+
+    @property
+    def min_eps(self) -> float:
+        """The smallest ``eps`` `set_eps` accepts: every new diagonal entry d_i (ε, or ε·d_i for a learned
+        diagonal) at least `EPS_ULPS` roundoffs of the pixel's low-rank variance ‖P_i‖², and a normal number of
+        the model's dtype (see `EPS_ULPS` for why). Computed once (one read-back)."""
+        return self._range()[0]
+
+    def _range(self) -> tuple[float, float]:
+        if self._eps_range is None:
+            self._eps_range = _eps_range(self._trained, self._fixed)
+        return self._eps_range
+
+    def _checked_eps(self, eps: Any, name: str = "eps") -> float | None:
+        """``eps`` if None or in [`min_eps`, highest]; else a ValueError naming ``name``."""
+        try:
+            eps = _check_eps(eps)
+        except ValueError as err:
+            raise ValueError(name + str(err)[len("eps"):]) from None
+        if eps is None:
+            return None
+        low, high = self._range()
+        what = "ε" if self._fixed else "the multiplier ε of the learned diagonal (d_i → ε·d_i)"
+        if eps < low:
+            raise ValueError(f"{name}: {eps:.3g} is too small for conditioning in {self._trained.loc.dtype}: "
+                             f"{what} must be >= {low:.3g}, so that each diagonal entry stays above {EPS_ULPS} "
+                             f"roundoffs of its pixel's variance ‖P_i‖² (Editor.min_eps)")
+        if eps > high:
+            raise ValueError(f"{name}: {eps:.3g} is too large: {what} must be <= {high:.3g} (the largest "
+                             f"{self._trained.loc.dtype} diagonal)")
+        return eps
 
     @property
     def strokes(self) -> int:
@@ -362,7 +481,7 @@ class Editor:
 
     def _dist(self, state: _State):
         if state.dist is None:
-            if not bool(state.mask.any()):
+            if state.strokes == 0:  # every stroke paints at least one pixel: no read-back of the mask needed
                 state.dist = self._base
             else:
                 with torch.no_grad():
@@ -385,7 +504,8 @@ class Editor:
             vals = None
         if vals is None or len(vals) not in (1, c) or not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in vals):
             raise ValueError(f"value: must be a grey level in [0, 1] or {c} channel values in [0, 1], got {value!r}")
-        return torch.tensor(vals * (c if len(vals) == 1 else 1), dtype=self._trained.loc.dtype)
+        loc = self._trained.loc
+        return torch.tensor(vals * (c if len(vals) == 1 else 1), dtype=loc.dtype, device=loc.device)
 
     def paint(self, points: Any, value: float | Sequence[float] = 0.0, width: int | None = None) -> torch.Tensor:
         """Paint a stroke through ``points`` ([K, 2] (row, col) in pixel units, inside the image) with a grey level
@@ -393,8 +513,8 @@ class Editor:
         returns the new `image` [C, H, W], the conditional mean given every pixel painted so far."""
         c, h, w = self.image_shape
         width = default_width(self.hw) if width is None else width
-        stroke = stroke_pixels(points, self.hw, width).to(self._state.mask.device)
-        v = self._value(value).to(self._state.values.device)
+        stroke = stroke_pixels(points, self.hw, width).to(self._state.mask.device)  # drawn on the host: H·W bytes
+        v = self._value(value)
         stroke = stroke.unsqueeze(0).expand(c, h, w).reshape(-1)
         values = torch.where(stroke, v.repeat_interleave(h * w), self._state.values)
         state = _State(self._state.mask | stroke, values, self._state.strokes + 1)
@@ -433,8 +553,10 @@ class Editor:
 
     def set_eps(self, eps: float | None) -> torch.Tensor:
         """Use ``eps`` (see `with_eps`; None: the trained diagonal) from now on, strokes kept: every state is
-        propagated again under it (lazily). Returns the new image."""
-        eps = _check_eps(eps)
+        propagated again under it (lazily). Returns the new image. ``eps`` must be a finite number in
+        [`min_eps`, the largest diagonal of the dtype]; anything else is a ValueError naming ``eps``, and the
+        editor is left as it was."""
+        eps = self._checked_eps(eps)
         self._base = with_eps(self._trained, eps, self._fixed)
         self._eps = eps
         for state in self._stack:
@@ -463,7 +585,9 @@ class Editor:
         state = self._state
         if state.directions is None:
             if self.rank == 0:
-                state.directions = (torch.zeros(0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64))
+                device = self._trained.loc.device
+                state.directions = (torch.zeros(0, dtype=torch.float64, device=device),
+                                    torch.zeros(0, 0, dtype=torch.float64, device=device))
             else:
                 w, v, _ = principal_directions(self.distribution.cov_factor.detach().reshape(-1, self.rank))
                 state.directions = (w, v)
@@ -480,7 +604,7 @@ class Editor:
         if t.numel() == 0:
             return self.image
         _, v = self._directions()
-        noise = (v[:, :t.numel()] @ t).to(self._trained.loc.dtype)
+        noise = (v[:, :t.numel()] @ t.to(v.device)).to(self._trained.loc.dtype)  # t: K numbers from the host
         with torch.no_grad():
             out = self.distribution.from_noise(noise.unsqueeze(0), None)
         return out.detach().reshape(self.image_shape)
@@ -598,6 +722,61 @@ def session_figure(sessions: Mapping[str, EditorSession]):
             _outline(ax, e.masks[-1], shape)
             ax.set_title(f"sample {j + 1}", fontsize=7)
     return fig
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The editing notebooks' checks (notebooks/03_editing.ipynb, notebooks/06_editor.ipynb)
+# -------------------------------------------------------------------------------------------------------------
+
+def _grey_or_colour(name: str, value: Any) -> None:
+    vals = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    ok = isinstance(vals, (list, tuple)) and len(vals) in (1, 3) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
+        for v in vals)
+    if not ok:
+        raise ValueError(f"{name}: must be a grey level in [0, 1] (or 3 channel values in [0, 1]), got {value!r}")
+
+
+_PARAMETER_CHECKS = {
+    "image_index": lambda name, v, none_ok: check_int(name, v, 0, allow_none=none_ok),
+    "patch": lambda name, v, none_ok: check_int(name, v, 1, allow_none=none_ok),
+    "n_completions": lambda name, v, none_ok: check_int(name, v, 1, allow_none=none_ok),
+    "n_samples": lambda name, v, none_ok: check_int(name, v, 1, allow_none=none_ok),
+    "stroke_width": lambda name, v, none_ok: check_int(name, v, 1, allow_none=True),
+    "seed": lambda name, v, none_ok: check_int(name, v, 0, allow_none=none_ok),
+    "stroke_value": lambda name, v, none_ok: _grey_or_colour(name, v),
+}
+
+
+def check_parameters(none_ok: Sequence[str] = (), **parameters: Any) -> None:
+    """Check an editing notebook's parameters under their own names, before anything is loaded or trained:
+    ``image_index``, ``seed`` integers >= 0; ``patch``, ``n_completions``, ``n_samples`` integers >= 1;
+    ``stroke_width`` an integer >= 1 or None; ``stroke_value`` a grey level in [0, 1] (or 3 values in [0, 1]).
+    The names in ``none_ok`` may also be None (06_editor's ``image_index``: a prior draw). A bad value is a
+    ValueError naming the parameter; an unknown name a TypeError."""
+    for name, value in parameters.items():
+        if name not in _PARAMETER_CHECKS:
+            raise TypeError(f"check_parameters: unknown parameter {name!r}; known: {', '.join(_PARAMETER_CHECKS)}")
+        _PARAMETER_CHECKS[name](name, value, name in none_ok)
+
+
+RUN_HEADS = {"lowrank": ("lowrank", "lowrank-diag"), "diagonal": ("diagonal",)}
+"""The heads a run may have for each row of the editing figures: the row ``lowrank`` (parameter ``lowrank_run``)
+shows a model with a covariance factor, the row ``diagonal`` (``diagonal_run``) the pixel-wise baseline."""
+
+
+def check_runs(configs: Mapping[str, Any]) -> None:
+    """Check that each run of an editing notebook, given as ``configs`` {row: its TrainConfig} with the rows of
+    `RUN_HEADS`, has a head its row may show (a diagonal run given as ``lowrank_run`` would otherwise be drawn and
+    saved as "lowrank"); else a ValueError naming the notebook parameter ``<row>_run``."""
+    for row, config in configs.items():
+        if row not in RUN_HEADS:
+            raise ValueError(f"runs: unknown row {row!r}; the editing figures have the rows {', '.join(RUN_HEADS)}")
+        head = getattr(config, "head", None)
+        if head not in RUN_HEADS[row]:
+            allowed = " or ".join(repr(h) for h in RUN_HEADS[row])
+            raise ValueError(f"{row}_run: is a run of the {head!r} head; the {row!r} row needs a run of the "
+                             f"{allowed} head")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -894,7 +1073,7 @@ class EditorUI:
 
     def _draw_mask(self) -> None:
         show = self.outline_box.value and bool(self.editor.strokes)
-        self.canvas.mask = self.editor.mask[0].to(torch.uint8).numpy().tobytes() if show else b""
+        self.canvas.mask = self.editor.mask[0].to(torch.uint8).cpu().numpy().tobytes() if show else b""
 
     def _on_slider(self, _change: Any = None) -> None:
         if self.sliders:
@@ -914,7 +1093,7 @@ class EditorUI:
     def _refresh_directions(self) -> None:
         if not self.sliders:
             return
-        w = self.editor.directions()
+        w = self.editor.directions().cpu()  # R numbers: one read-back, then host arithmetic
         total = float(w.sum())
         shares = ", ".join(f"{float(x) / total:.0%}" if total > 0 else "0%" for x in w[:len(self.sliders)])
         self.spectrum.value = f"<small>share of tr(P Pᵀ) per direction: {shares}</small>"

@@ -439,3 +439,178 @@ def test_scripted_session_records_the_checks_and_draws_the_figure(head, tmp_path
         assert n["propagated_rms"] > 0 and n["propagated_fraction"] > 0.5
     paths = save_figure(E.session_figure({head: s}), tmp_path / "editor")
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# what is edited: images refused or converted before anything is encoded (issue 17, items 3, 4, 5, 9, 11)
+# -------------------------------------------------------------------------------------------------------------
+
+COLOUR = (3, 16, 12)  # C, H, W: [H, W, C] = (16, 12, 3) cannot be mistaken for [C, H, W]
+
+
+@pytest.fixture(scope="module")
+def colour_model():
+    torch.manual_seed(0)
+    return build_model(TrainConfig.preset("smoke", dataset="synthetic", device="cpu"), COLOUR).eval()
+
+
+def _x(shape=COLOUR) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(7))
+
+
+def test_a_channels_last_or_misshaped_image_is_refused_naming_image(colour_model):
+    x = _x()
+    with pytest.raises(ValueError, match=r"^image: .*\[H, W, C\].*permute\(2, 0, 1\)"):
+        E.Editor(colour_model, image=x.permute(1, 2, 0))  # same 576 elements: was reshaped and scrambled
+    for bad in (x.transpose(1, 2), x.reshape(-1), x.reshape(3, 8, 24), x[:1], torch.zeros(2, 3, 16, 12)):
+        with pytest.raises(ValueError, match=r"^image: must be None, .* tensor of shape \[C, H, W\] = \[3, 16, 12\]"):
+            E.Editor(colour_model, image=bad)
+    with pytest.raises(ValueError, match=r"^image: must be None, a test-image index or a tensor"):
+        E.Editor(colour_model, image="face.png")
+    # [1, C, H, W] is accepted, and so is [H, W] for a one-channel model
+    assert torch.equal(E.Editor(colour_model, image=x.unsqueeze(0)).image, E.Editor(colour_model, image=x).image)
+    grey, g = _model("lowrank"), _x((1, 16, 16))
+    assert torch.equal(E.Editor(grey, image=g[0]).image, E.Editor(grey, image=g).image)
+    with pytest.raises(ValueError, match=r"^image: must be None, .* tensor of shape \[C, H, W\] = \[1, 16, 16\]"):
+        E.Editor(grey, image=g.reshape(16, 16, 1))
+
+
+def test_a_uint8_image_is_divided_by_255_and_floats_outside_0_1_are_refused(colour_model):
+    x8 = (_x() * 255).round().to(torch.uint8)
+    x8[0, 0, :2] = torch.tensor([0, 255], dtype=torch.uint8)
+    expected = E.Editor(colour_model, image=x8.float() / 255).image
+    assert torch.equal(E.Editor(colour_model, image=x8).image, expected)  # was encoded as is, in 0…255
+    with pytest.raises(ValueError, match=r"^image: float values must lie in \[0, 1\].*got values in \[0, 255\]"):
+        E.Editor(colour_model, image=x8.float())
+    with pytest.raises(ValueError, match=r"^image: float values must lie in \[0, 1\]"):
+        E.Editor(colour_model, image=_x() - 0.5)
+    for dtype in (torch.int64, torch.bool, torch.complex64):
+        with pytest.raises(ValueError, match=rf"^image: dtype {dtype} is not an image dtype"):
+            E.Editor(colour_model, image=_x().to(dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_image_is_refused(colour_model, bad):
+    x = _x()
+    x[1, 3, 4] = bad
+    with pytest.raises(ValueError, match=r"^image: must be finite, got 1 NaN or infinite value"):
+        E.Editor(colour_model, image=x)
+    with pytest.raises(ValueError, match=r"^image: must be finite, got 576 NaN or infinite values"):
+        E.Editor(colour_model, image=torch.full(COLOUR, bad))  # was an all-NaN edit
+
+
+def test_a_float64_or_half_image_is_converted_to_the_model_dtype(colour_model):
+    x = _x()
+    expected = E.Editor(colour_model, image=x).image
+    got = E.Editor(colour_model, image=x.double())  # was "Input type (double) and bias type (float)"
+    assert got.image.dtype == torch.float32 and torch.equal(got.image, expected)
+    half = E.Editor(colour_model, image=x.half()).image
+    assert torch.equal(half, E.Editor(colour_model, image=x.half().float()).image)
+
+
+def test_a_test_image_index_out_of_range_names_image(smoke_run):
+    for bad in (-1, 10 ** 6):  # -1 named max_items; too large named image_index
+        with pytest.raises(ValueError, match=r"^image: "):
+            E.Editor(smoke_run, image=bad)
+    with pytest.raises(ValueError, match=r"^image: must be None, a test-image index or a tensor"):
+        E.Editor(smoke_run, image=True)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# ε too small for float32 conditioning (issue 17, item 14)
+# -------------------------------------------------------------------------------------------------------------
+
+def _dense_conditional_mean(dist: LowRankNormal, eps: float, mask: torch.Tensor, values: torch.Tensor):
+    """float64, from the covariance blocks: μ_U + Σ_UO Σ_OO⁻¹ (x_O − μ_O), with Σ = P Pᵀ + eps I."""
+    mu, P = dist.loc[0].double(), dist.cov_factor[0].double()
+    o, u = mask.nonzero().flatten(), (~mask).nonzero().flatten()
+    s_oo = P[o] @ P[o].T + eps * torch.eye(len(o), dtype=torch.float64)
+    out = values.double().clone()
+    out[u] = mu[u] + P[u] @ P[o].T @ torch.linalg.solve(s_oo, values.double()[o] - mu[o])
+    return out
+
+
+def test_set_eps_refuses_what_float32_conditioning_cannot_take():
+    shape = (3, 32, 32)
+    dist = lowrank(rank=25, diag=1e-3, shape=shape)
+    dist = LowRankNormal(dist.loc, dist.cov_factor * 0.25, dist.cov_diag)  # rows ‖P_i‖² ≈ 0.06, as trained
+    ed = E.Editor(dist, image_shape=shape)
+    before = ed.image
+    for bad in (1e-300, 1e-40, 1e-9, 1e39):  # 1e-300 was accepted and made the next paint fail deep inside
+        with pytest.raises(ValueError, match=r"^eps: "):
+            ed.set_eps(bad)
+        assert ed.eps is None and torch.equal(ed.image, before)
+    row_var = float(dist.cov_factor.double().square().sum(-1).max())
+    assert ed.min_eps == pytest.approx(16 * torch.finfo(torch.float32).eps * row_var, rel=1e-6)
+    with pytest.raises(ValueError, match=r"^eps: "):
+        E.Editor(dist, image_shape=shape, eps=1e-300)
+    with pytest.raises(ValueError, match=r"^calibrated: "):
+        E.Editor(dist, image_shape=shape, calibrated=1e-300)
+    with pytest.raises(ValueError, match=r"^eps: must lie in \[1.18e-38, 3.4e\+38\] \(normal numbers of torch.float32"):
+        E.with_eps(dist, 1e-300, fixed=True)  # would round to a zero diagonal
+    # at the bound, the float32 edit of a one-pixel stroke (3 observed values, R = 25) is the float64 one
+    for eps in (ed.min_eps, 1e-3):
+        ed.set_eps(eps)
+        img = ed.paint([(5, 5)], 0.0, 1).reshape(-1)
+        ref = _dense_conditional_mean(dist, eps, ed.mask.reshape(-1), ed.values.reshape(-1))
+        change = float((ref - dist.loc[0].double()).abs().max())
+        assert float((img.double() - ref).abs().max()) <= 1e-4 * change
+        ed.reset()
+    # a learned diagonal is multiplied by eps: the bound is per pixel, on eps · d_i
+    d = 1e-3 * (1 + torch.rand(1, math.prod(shape), generator=torch.Generator().manual_seed(3)))
+    learned = E.Editor(LowRankNormal(dist.loc, dist.cov_factor, d), image_shape=shape)
+    ratio = float((dist.cov_factor.double().square().sum(-1) / d.double()).max())
+    assert learned.min_eps == pytest.approx(16 * torch.finfo(torch.float32).eps * ratio, rel=1e-6)
+    # the pixel-wise model only needs a positive, normal float32 diagonal
+    assert E.Editor(diagonal(), image_shape=SHAPE).min_eps == pytest.approx(
+        torch.finfo(torch.float32).tiny / float(diagonal().cov_diag.min()), rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the editing notebooks' checks (issue 17, items 6 and 11), in the library
+# -------------------------------------------------------------------------------------------------------------
+
+def test_notebook_parameters_are_checked_under_their_own_names():
+    E.check_parameters(image_index=0, patch=10, n_completions=5, stroke_value=0.0, stroke_width=None, n_samples=4,
+                       seed=0)
+    for name, bad, match in [("n_completions", "five", r"^n_completions: must be an integer >= 1"),
+                             ("patch", 0, r"^patch:"), ("image_index", -1, r"^image_index:"),
+                             ("stroke_value", 1.5, r"^stroke_value: must be a grey level in \[0, 1\]"),
+                             ("stroke_width", 0, r"^stroke_width:"), ("n_samples", 2.0, r"^n_samples:"),
+                             ("seed", -3, r"^seed:")]:
+        with pytest.raises(ValueError, match=match):
+            E.check_parameters(**{name: bad})
+    with pytest.raises(TypeError, match=r"^check_parameters: unknown parameter 'n'"):
+        E.check_parameters(n=5)
+
+
+def test_a_run_of_the_wrong_head_is_refused_naming_its_parameter():
+    diag = TrainConfig.preset("smoke", dataset="orl", head="diagonal", device="cpu")
+    low = TrainConfig.preset("smoke", dataset="orl", device="cpu")
+    E.check_runs({"lowrank": low, "diagonal": diag})
+    E.check_runs({"lowrank": TrainConfig.preset("smoke", dataset="orl", head="lowrank-diag", device="cpu")})
+    with pytest.raises(ValueError, match=r"^lowrank_run: is a run of the 'diagonal' head"):
+        E.check_runs({"lowrank": diag, "diagonal": diag})
+    with pytest.raises(ValueError, match=r"^diagonal_run: is a run of the 'lowrank' head"):
+        E.check_runs({"lowrank": low, "diagonal": low})
+    with pytest.raises(ValueError, match=r"^runs: unknown row 'pca'"):
+        E.check_runs({"pca": low})
+
+
+@pytest.mark.slow
+def test_03_editing_stops_on_a_diagonal_lowrank_run_and_a_bad_n_completions(tmp_path):
+    """Through papermill, as `reproduce` runs it: the notebook stops with the library's message, no figure."""
+    import papermill
+    from sosvae_lib import reproduce
+    from sosvae_lib.train import train
+
+    run = tmp_path / "orl-diagonal"
+    train(TrainConfig.preset("smoke", dataset="orl", head="diagonal", device="cpu"), run, progress=False)
+    figures = tmp_path / "figures"
+    base = dict(lowrank_run=str(run), diagonal_run=None, train_missing=False, figures_dir=str(figures))
+    for extra, message in [({}, "lowrank_run: is a run of the 'diagonal' head"),
+                           ({"n_completions": "five"}, "n_completions: must be an integer >= 1")]:
+        with pytest.raises(papermill.PapermillExecutionError) as err:
+            reproduce.execute_notebook("03_editing", tmp_path / "03.ipynb", {**base, **extra}, tmp_path, 120)
+        assert err.value.ename == "ValueError" and err.value.evalue.startswith(message)
+        assert not list(figures.glob("orl_editing*"))
