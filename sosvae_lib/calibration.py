@@ -69,20 +69,31 @@ class DiagScaleStats:
         return int(self.perp.shape[0])
 
     def nll(self, scale: float | torch.Tensor) -> torch.Tensor:
-        """−log N(x; μ, PPᵀ + s·diag d) in nats per image [N] (float64), for a scalar s > 0:
+        """−log N(x; μ, PPᵀ + s·diag d) in nats per image [N] (float64, on the statistics' device), for a scalar
+        s > 0:
 
             ½ [D log 2π + Σ_i log d_i + Σ_j log(σ_j² + s) + (D − R) log s + Σ_j c_j²/(σ_j² + s) + ‖y − Uc‖²/s].
         """
-        s = torch.as_tensor(scale, dtype=torch.float64)
+        if isinstance(scale, torch.Tensor):
+            s = scale.to(self.perp.device, torch.float64)
+            log_s = torch.log(s)
+        else:  # a Python number stays one: no tensor to copy to the device
+            s = float(scale)
+            log_s = math.log(s)
         r = self.sq_singular.shape[-1]
         lam = self.sq_singular + s
-        logdet = self.log_diag + torch.log(lam).sum(-1) + (self.dim - r) * torch.log(s)
+        logdet = self.log_diag + torch.log(lam).sum(-1) + (self.dim - r) * log_s
         maha = (self.sq_coef / lam).sum(-1) + self.perp / s
         return 0.5 * (self.dim * _LOG_2PI + logdet + maha)
 
     def total_nll(self, scale: float) -> float:
         """Σ over images of `nll` (nats)."""
         return float(self.nll(scale).sum())
+
+    def to(self, device: torch.device | str) -> "DiagScaleStats":
+        """The same statistics on ``device`` (N·(R + 3) numbers: the search over s runs on the CPU)."""
+        return DiagScaleStats(self.sq_singular.to(device), self.sq_coef.to(device), self.perp.to(device),
+                              self.log_diag.to(device), self.dim)
 
     @staticmethod
     def cat(parts: Sequence["DiagScaleStats"]) -> "DiagScaleStats":
@@ -112,27 +123,53 @@ def diag_scale_statistics(loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag:
     Σ(s) = D^{1/2} (AAᵀ + sI) D^{1/2}, so log|Σ(s)| = Σ_i log d_i + Σ_j log(σ_j² + s) + (D − R) log s and
     (x − μ)ᵀ Σ(s)⁻¹ (x − μ) = Σ_j c_j²/(σ_j² + s) + ‖y − Uc‖²/s with c = Uᵀ y. ‖y − Uc‖² is summed directly (not
     ‖y‖² − ‖c‖², which cancels when d is tiny). Rank-deficient P is exact too (σ_j = 0 terms). ``chunk`` images
-    per SVD bound the float64 memory (chunk·D·R).
+    per SVD bound the float64 memory (chunk·D·R). Computed on the device of ``cov_factor`` (a number or CPU scalar
+    ``cov_diag`` is moved there); every input is checked for NaN / Inf with one host read-back.
     """
+    loc, cov_factor, diag, x, scalar = _statistics_args(loc, cov_factor, cov_diag, x, chunk)
+    names = ("x", "loc", "cov_factor", "cov_diag")
+    ok = torch.stack([torch.isfinite(x).all(), torch.isfinite(loc).all(), torch.isfinite(cov_factor).all(),
+                      (torch.isfinite(diag) & (diag > 0)).all()]).tolist()
+    for name, good in zip(names, ok):
+        if not good:
+            raise ValueError(f"{name}: must be finite{' and > 0 (variances)' if name == 'cov_diag' else ''}; "
+                             f"it has NaN, Inf{' or entries <= 0' if name == 'cov_diag' else ''} entries")
+    return _statistics(loc, cov_factor, diag, x, chunk, scalar)
+
+
+def _statistics_args(loc, cov_factor, cov_diag, x, chunk):
+    """The checked shapes of `diag_scale_statistics`' arguments: (loc [N, D], factor [N, D, R], diag float64 on the
+    factor's device (0-dim when scalar), x [N, D], scalar)."""
+    if not isinstance(cov_factor, torch.Tensor):
+        raise TypeError(f"cov_factor: must be a tensor [N, D, R] or [D, R], got {type(cov_factor).__name__}")
     x = torch.as_tensor(x)
     if x.dim() != 2:
         raise ValueError(f"x: must be flattened images [N, D], got shape {tuple(x.shape)}")
     n, d = x.shape
-    loc = torch.as_tensor(loc).expand(n, d)
+    loc = torch.as_tensor(loc)
+    if loc.shape[-1:] != (d,):
+        raise ValueError(f"loc: must be [N, D] = [{n}, {d}] or [D], got {tuple(loc.shape)}")
+    loc = loc.expand(n, d)
     if cov_factor.dim() == 2:
         cov_factor = cov_factor.expand(n, *cov_factor.shape)
     if cov_factor.dim() != 3 or cov_factor.shape[:2] != (n, d):
         raise ValueError(f"cov_factor: must be [N, D, R] = [{n}, {d}, R] or [D, R], got {tuple(cov_factor.shape)}")
-    diag = torch.as_tensor(cov_diag, dtype=torch.float64)
-    scalar = _is_scalar_diag(diag)
+    diag = cov_diag if isinstance(cov_diag, torch.Tensor) else torch.as_tensor(cov_diag, dtype=torch.float64)
+    scalar = _is_scalar_diag(diag)  # before a copy to float64 makes an expanded view dense
     if scalar:
         diag = diag.reshape(-1)[0]
-    elif diag.shape[-1] != d:
+    diag = diag.to(cov_factor.device, torch.float64)
+    if not scalar and diag.shape[-1] != d:
         raise ValueError(f"cov_diag: must be a scalar or [N, {d}] / [{d}], got {tuple(diag.shape)}")
-    if not bool((diag > 0).all()) or not bool(torch.isfinite(diag).all()):
-        raise ValueError("cov_diag: must be finite and > 0 (variances)")
-    if not isinstance(chunk, int) or chunk < 1:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: must be an integer >= 1, got {chunk!r}")
+    return loc, cov_factor, diag, x, scalar
+
+
+def _statistics(loc: torch.Tensor, cov_factor: torch.Tensor, diag: torch.Tensor, x: torch.Tensor, chunk: int,
+                scalar: bool) -> DiagScaleStats:
+    """`diag_scale_statistics` of checked arguments, without reading anything back from the device."""
+    n, d = x.shape
     sq_sing, sq_coef, perp, log_diag = [], [], [], []
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
@@ -146,9 +183,23 @@ def diag_scale_statistics(loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag:
         sq_sing.append(s.square())
         sq_coef.append(c.square())
         perp.append((y - (u @ c.unsqueeze(-1)).squeeze(-1)).square().sum(-1))
-        log_diag.append(torch.full((b,), d * float(torch.log(dd)), dtype=torch.float64) if scalar
-                        else torch.log(dd).sum(-1))
+        log_diag.append((d * torch.log(dd)).expand(b) if scalar else torch.log(dd).sum(-1))
     return DiagScaleStats(torch.cat(sq_sing), torch.cat(sq_coef), torch.cat(perp), torch.cat(log_diag), d)
+
+
+def _check_search(bounds: Any, grid: Any, tol: Any) -> tuple[float, float]:
+    """(low, high) of checked search settings; a ValueError naming ``bounds``, ``grid`` or ``tol`` as given."""
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"bounds: must be two numbers (low, high) with 0 < low < high < inf, got {bounds!r}") from None
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"bounds: must be (low, high) with 0 < low < high < inf, got {bounds!r}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 3:
+        raise ValueError(f"grid: must be an integer >= 3, got {grid!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol: must be a number > 0 (decades), got {tol!r}")
+    return lo, hi
 
 
 def fit_diag_scale(stats: DiagScaleStats, bounds: tuple[float, float] = SCALE_BOUNDS, grid: int = 33,
@@ -156,14 +207,9 @@ def fit_diag_scale(stats: DiagScaleStats, bounds: tuple[float, float] = SCALE_BO
     """The s ∈ [bounds] minimising Σ_images `DiagScaleStats.nll`(s), searched on t = log10 s: the best of ``grid``
     equally spaced t brackets the minimum between its neighbours, then golden-section search narrows that
     bracket to ``tol`` decades. Returns (s, at_bound), at_bound True when the minimum is at an end of ``bounds``
-    (widen them)."""
-    lo, hi = (float(b) for b in bounds)
-    if not (0 < lo < hi and math.isfinite(hi)):
-        raise ValueError(f"bounds: must be (low, high) with 0 < low < high < inf, got {bounds!r}")
-    if not isinstance(grid, int) or grid < 3:
-        raise ValueError(f"grid: must be an integer >= 3, got {grid!r}")
-    if not tol > 0:
-        raise ValueError(f"tol: must be > 0 (decades), got {tol!r}")
+    (widen them). The search reads `DiagScaleStats.nll` back once per evaluated s: give statistics on the CPU
+    (`DiagScaleStats.to`) when they were computed on a GPU."""
+    lo, hi = _check_search(bounds, grid, tol)
     t_lo, t_hi = math.log10(lo), math.log10(hi)
     ts = torch.linspace(t_lo, t_hi, grid, dtype=torch.float64)
 
@@ -221,10 +267,13 @@ class Calibration:
 
 def _calibration_from_stats(stats: DiagScaleStats, trained_eps: float | None, bounds: tuple[float, float] | None,
                             grid: int, tol: float) -> Calibration:
-    """Fit s; for a scalar diagonal ``bounds`` are on ε = s·trained_eps (default `EPS_BOUNDS`), else on s."""
+    """Fit s; for a scalar diagonal ``bounds`` are on ε = s·trained_eps (default `EPS_BOUNDS`), else on s. The
+    statistics are moved to the CPU first (the search reads them back at every step)."""
     if bounds is None:
         bounds = EPS_BOUNDS if trained_eps is not None else SCALE_BOUNDS
-    scale_bounds = bounds if trained_eps is None else (bounds[0] / trained_eps, bounds[1] / trained_eps)
+    lo, hi = _check_search(bounds, grid, tol)  # as given, before it becomes an interval of s
+    stats = stats.to("cpu")
+    scale_bounds = (lo, hi) if trained_eps is None else (lo / trained_eps, hi / trained_eps)
     scale, at_bound = fit_diag_scale(stats, scale_bounds, grid=grid, tol=tol)
     if at_bound:
         warnings.warn(f"calibration: the fitted diagonal scale {scale:.3g} lies at an end of the searched interval "
@@ -244,6 +293,8 @@ def calibrate_diagonal(loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: to
     searched interval of the calibrated ε itself when cov_diag is a scalar (default `EPS_BOUNDS`, 1e-8 … 1), of the
     multiplier s otherwise (default `SCALE_BOUNDS`, 1e-4 … 1e4). ``grid`` and ``tol``: see `fit_diag_scale`.
     """
+    if bounds is not None:
+        _check_search(bounds, grid, tol)
     diag = torch.as_tensor(cov_diag, dtype=torch.float64)
     trained_eps = float(diag.reshape(-1)[0]) if _is_scalar_diag(diag) else None
     stats = diag_scale_statistics(loc, cov_factor, cov_diag, x)
@@ -320,44 +371,82 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, *, batch_size: int =
                     grid: int = 33, tol: float = 1e-4) -> Calibration:
     """Fit the diagonal scale of a low-rank VAE on images [N, C, H, W] in [0, 1] (the validation split): the
     reconstructions p(x | z = m(x)), m(x) the posterior mean, score the (dequantised, if ``dequantize``, with
-    ``generator``) images; see `calibrate_diagonal` for ``bounds``, ``grid``, ``tol``. One decoder pass per image."""
+    ``generator``) images; see `calibrate_diagonal` for ``bounds``, ``grid``, ``tol``. One decoder pass per image,
+    on the model's device; the statistics stay there until the search (two read-backs in all, not one per batch).
+    """
+    from .config import check_int
     from .metrics import dequantize as dequantize_fn
 
     if getattr(model, "rank", None) == 0:
         raise ValueError("model: the pixel-wise diagonal head has no low-rank factor; calibration applies to the "
                          "lowrank and lowrank-diag heads")
-    device = next(model.parameters()).device
-    parts, trained_eps = [], None
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
-        x_score = dequantize_fn(x, generator) if dequantize else x
-        obs = model.decode(model.encode(x).loc)
-        diag = obs.cov_diag.detach()
-        if _is_scalar_diag(diag):
-            diag = diag.reshape(-1)[0]
-            trained_eps = float(diag)
-        parts.append(diag_scale_statistics(obs.loc.detach(), obs.cov_factor.detach(), diag,
-                                           x_score.reshape(x.shape[0], -1)))
-    if not parts:
+    check_int("batch_size", batch_size, 1)
+    _check_search(bounds if bounds is not None else SCALE_BOUNDS, grid, tol)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images: must be a tensor [N, C, H, W], got {type(images).__name__}")
+    shape = tuple(getattr(model, "image_shape", images.shape[1:]))
+    if images.dim() != 4 or tuple(images.shape[1:]) != shape:
+        raise ValueError(f"images: must be [N, C, H, W] with (C, H, W) = {shape}, the model's image shape; got "
+                         f"{tuple(images.shape)}")
+    if images.shape[0] == 0:
         raise ValueError("images: no images to calibrate on")
-    return _calibration_from_stats(DiagScaleStats.cat(parts), trained_eps, bounds, grid, tol)
+    if not images.is_floating_point():
+        raise TypeError(f"images: must be floating point in [0, 1], got {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images: has NaN or Inf entries; give images in [0, 1]")
+    device = next(model.parameters()).device
+    parts, first_diag = [], None
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(device)
+            x_score = dequantize_fn(x, generator) if dequantize else x
+            obs = model.decode(model.encode(x).loc)
+            loc, factor, diag, flat, scalar = _statistics_args(obs.loc.detach(), obs.cov_factor.detach(),
+                                                               obs.cov_diag.detach(), x_score.reshape(x.shape[0], -1),
+                                                               16)
+            first_diag = diag if first_diag is None else first_diag
+            parts.append(_statistics(loc, factor, diag, flat, 16, scalar))
+    except torch.linalg.LinAlgError as err:  # an SVD of NaN / Inf (CPU); on a GPU the check below catches it
+        raise ValueError(f"model: gives non-finite reconstructions of these images ({str(err).splitlines()[0]}); "
+                         f"its weights or outputs hold NaN or Inf") from None
+    stats = DiagScaleStats.cat(parts)
+    finite = torch.stack([torch.isfinite(t).all() for t in (stats.sq_singular, stats.sq_coef, stats.perp,
+                                                           stats.log_diag)]).all()
+    if not bool(finite):
+        raise ValueError("model: gives non-finite reconstructions or variances on these images; its weights or "
+                         "outputs hold NaN or Inf")
+    trained_eps = float(first_diag) if first_diag.dim() == 0 else None  # the head's fixed ε (the same in every batch)
+    return _calibration_from_stats(stats, trained_eps, bounds, grid, tol)
 
 
 def calibrate_run(run_dir: str | Path, split: str = "val", num_images: int | None = 200, seed: int = 0,
                   batch_size: int = 50, device: str = "cpu", write: bool = True,
-                  bounds: tuple[float, float] | None = None) -> Calibration:
+                  bounds: tuple[float, float] | None = None, root: str | Path | None = None) -> Calibration:
     """Load a training run, fit its diagonal scale on ``num_images`` images of ``split`` (None: all; dequantised as
-    trained, 8-bit data only, noise seeded by ``seed``) and write ``run_dir/calibration.json`` (if ``write``)."""
+    trained, 8-bit data only, noise seeded by ``seed``) and write ``run_dir/calibration.json`` (if ``write``).
+    ``root``: the data folder (None: the run's ``TrainConfig.root``; give it when the data moved)."""
     from .checkpoint import atomic_write_json, load_run
+    from .config import check_int
     from .data import load_dataset
-    from .evaluate import stack_images
+    from .distributed import resolve_device
+    from .evaluate import SPLITS, stack_images
 
+    if split not in SPLITS:
+        raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_int("num_images", num_images, 1, allow_none=True)
+    check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 1)
+    if bounds is not None:
+        _check_search(bounds, 33, 1e-4)
+    if root is not None and not isinstance(root, (str, Path)):
+        raise TypeError(f"root: must be a folder (str or Path) or None, got {type(root).__name__}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir: {run_dir} is not a directory; give the --out folder of a training run")
-    model, config = load_run(run_dir, device=device)
+    model, config = load_run(run_dir, device=str(resolve_device(device)))
     extra = {} if num_images is None else dict(max_items=num_images)
-    dataset = load_dataset(config.dataset, split, image_size=config.image_size, root=config.root, **extra)
+    dataset = load_dataset(config.dataset, split, image_size=config.image_size,
+                           root=config.root if root is None else str(root), **extra)
     images = stack_images(dataset, num_images)
     eight_bit = getattr(getattr(dataset, "images", None), "dtype", torch.uint8) == torch.uint8
     cal = calibrate_model(model, images, batch_size=batch_size, dequantize=bool(config.dequantize and eight_bit),
@@ -369,10 +458,22 @@ def calibrate_run(run_dir: str | Path, split: str = "val", num_images: int | Non
 
 def read_calibration(run_dir: str | Path) -> Calibration | None:
     """The Calibration stored in ``run_dir/calibration.json`` (by `calibrate_run` or `sosvae_lib.evaluate`), or
-    None when the run has none."""
+    None when the run has none. A file that is not such a record (corrupt JSON, missing fields, a scale that is not
+    a number > 0) is a ValueError naming it."""
     path = Path(run_dir) / CALIBRATION_FILE
     if not path.is_file():
         return None
-    d = json.loads(path.read_text())
+    advice = "delete it, or write it again with calibrate_run / evaluate"
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"calibration: {path} is not valid JSON ({err}); {advice}") from None
     fields = Calibration.__dataclass_fields__
+    missing = [k for k in fields if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise ValueError(f"calibration: {path} is incomplete (missing {', '.join(missing)}); {advice}")
+    try:
+        _check_scale(d["scale"])
+    except ValueError:
+        raise ValueError(f"calibration: {path} holds scale {d['scale']!r}, not a number > 0; {advice}") from None
     return Calibration(**{k: d[k] for k in fields})

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .config import USAGE_ERRORS, check_int
 from .distributed import resolve_device
 from . import faces
 from .calibration import CALIBRATION_FILE, Calibration, calibrate_model, rescale_diagonal
+from .distributions import deferred_checks
 from .pca import PCAModel, fit_pca
 
 # Cost: about k + 2 decoder passes per test image (k importance samples, the reconstruction, one prior draw); a
@@ -40,7 +42,7 @@ DEFAULTS: dict[str, Any] = dict(
     num_images=200,     # test images scored (the data set's deterministic max_items subset); None = the whole split
     num_samples=None,   # prior draws for the generation metrics; None = as many as test images scored (≤ 500)
     batch_size=50,      # images per forward pass
-    patch=10,           # side of the revealed square of the inpainting metrics
+    patch=None,         # side of the revealed square of the inpainting metrics; None = 10, capped at half the image
     seed=0,             # seeds dequantisation noise, importance samples, patch positions and prior draws
     pca=True,           # also score the PPCA baseline of the same rank (keys prefixed "pca_")
     pca_train_items=2000,  # training images used to fit the baseline (deterministic subset)
@@ -50,6 +52,7 @@ DEFAULTS: dict[str, Any] = dict(
     faces=True,         # face metrics of 3-channel data when facenet-pytorch is installed (sosvae_lib.faces)
     face_images=100,    # generated and real images given to the face detector (~0.1 s each)
     device="cpu",       # "cpu", "cuda", "cuda:N" or "auto"
+    root=None,          # data folder; None = the one the run was trained on (TrainConfig.root)
     progress=True,      # tqdm bars on stderr
     write=True,         # write run_dir/eval_<split>.json
 )
@@ -64,9 +67,9 @@ def _check_options(split: str, options: dict[str, Any]) -> dict[str, Any]:
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
 
-    for name in ("k", "batch_size", "patch", "pca_train_items"):
+    for name in ("k", "batch_size", "pca_train_items"):
         check_int(name, o[name], 1)
-    for name in ("num_images", "num_samples", "calibration_images"):
+    for name in ("num_images", "num_samples", "calibration_images", "patch"):
         check_int(name, o[name], 1, allow_none=True)
     check_int("face_images", o["face_images"], 2)
     check_int("seed", o["seed"], 0)
@@ -78,6 +81,8 @@ def _check_options(split: str, options: dict[str, Any]) -> dict[str, Any]:
     dev = o["device"]
     if not (dev in ("cpu", "cuda", "auto") or (isinstance(dev, str) and dev.startswith("cuda:"))):
         raise ValueError(f"device: must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {dev!r}")
+    if o["root"] is not None and not isinstance(o["root"], (str, Path)):
+        raise TypeError(f"root: must be a folder (str or Path) or None, got {type(o['root']).__name__}")
     return o
 
 
@@ -96,43 +101,49 @@ def stack_images(dataset, limit: int | None) -> torch.Tensor:
 class _Scores:
     """Running sums of the per-image metrics of observation distributions p(x | z(x)) on test images: residual
     statistics, and the inpainting sums of every mask family (`M.INPAINT_FAMILIES`) at the trained diagonal and,
-    when given, at the calibrated one (suffix ``_cal``)."""
+    when given, at the calibrated one (suffix ``_cal``). The sums are float64 tensors on the images' device, read
+    back once by `result` (no host synchronisation per batch)."""
+
+    _INPAINT_SUMS = ("sq_uncond", "sq_cond", "nll", "nll_uncond", "hidden")
 
     def __init__(self) -> None:
-        self.captured = 0.0
-        self.energy = 0.0
-        self.inpaint: dict[str, dict[str, float]] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.residuals: list[torch.Tensor] = []
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        total = value.double().sum()
+        self.sums[key] = total if key not in self.sums else self.sums[key] + total
 
     def add(self, obs: Any, x: torch.Tensor, x_score: torch.Tensor, masks: dict[str, torch.Tensor],
             obs_cal: Any = None) -> None:
         """obs: batch [B] over D; x [B, D] clean images; x_score [B, D] the (dequantised) images that are scored;
-        masks {family: observed [B, D]}; obs_cal: obs with the calibrated diagonal (or None)."""
+        masks {family: observed [B, D]} on the images' device; obs_cal: obs with the calibrated diagonal (or None)."""
         residual = (x - obs.loc).detach()
-        self.residuals.append(residual.float().cpu())
-        self.captured += float(M.projected_energy(residual, obs.cov_factor.detach()).sum())
-        self.energy += float((residual.double() ** 2).sum())
+        self.residuals.append(residual.float())
+        self._add("captured", M.projected_energy(residual, obs.cov_factor.detach()))
+        self._add("energy", residual.double() ** 2)
         for suffix, dist in (("", obs), ("_cal", obs_cal)):
             if dist is None:
                 continue
             for family, mask in masks.items():
-                out = M.inpaint(dist, x_score, mask.to(x.device))
-                acc = self.inpaint.setdefault(family + suffix, dict(sq_uncond=0.0, sq_cond=0.0, nll=0.0,
-                                                                    nll_uncond=0.0, hidden=0))
-                acc["sq_uncond"] += float(out.sq_err_uncond.sum())
-                acc["sq_cond"] += float(out.sq_err_cond.sum())
-                acc["nll"] += float(out.hidden_nll.sum())
-                acc["nll_uncond"] += float(out.hidden_nll_uncond.sum())
-                acc["hidden"] += int(out.num_hidden.sum())
+                out = M.inpaint(dist, x_score, mask)
+                for name, value in zip(self._INPAINT_SUMS, (out.sq_err_uncond, out.sq_err_cond, out.hidden_nll,
+                                                            out.hidden_nll_uncond, out.num_hidden)):
+                    self._add(f"{family}{suffix}/{name}", value)
 
     def result(self, image_shape: tuple[int, int, int]) -> dict[str, float]:
+        keys = list(self.sums)
+        values = dict(zip(keys, torch.stack([self.sums[k] for k in keys]).tolist()))  # the one read-back
+        captured, energy = values["captured"], values["energy"]
         out = dict(residual_corr_data=M.lag1_correlation(torch.cat(self.residuals), image_shape),
-                   span_capture=self.captured / self.energy if self.energy > 0 else float("nan"))
+                   span_capture=captured / energy if energy > 0 else float("nan"))
         for family in M.INPAINT_FAMILIES:
             for suffix in ("", "_cal"):
-                acc = self.inpaint.get(family + suffix)
-                if acc is None:
+                if f"{family}{suffix}/hidden" not in values:
                     continue
+                acc = {name: values[f"{family}{suffix}/{name}"] for name in self._INPAINT_SUMS}
+                if acc["hidden"] == 0:  # a patch as large as the image hides nothing: nothing to score
+                    acc = dict.fromkeys(acc, math.nan)
                 if not suffix:  # μ does not depend on the diagonal: one unconditional RMSE per family
                     out[f"inpaint_rmse_uncond_{family}"] = math.sqrt(acc["sq_uncond"] / acc["hidden"])
                 out[f"inpaint_rmse_cond_{family}{suffix}"] = math.sqrt(acc["sq_cond"] / acc["hidden"])
@@ -158,10 +169,23 @@ def calibrated_keys() -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _check_patch(patch: int, image_shape: tuple[int, ...]) -> None:
-    if patch > min(image_shape[1:]):
-        raise ValueError(f"patch: must be at most the image side {min(image_shape[1:])} "
+DEFAULT_PATCH = 10
+"""Side of the revealed square of the patch10 families when none is given; capped at half the image's shorter side
+(as the editor figures cap theirs, `sosvae_lib.components.editor`), so small images keep most pixels hidden."""
+
+
+def resolve_patch(patch: int | None, image_shape: tuple[int, ...]) -> int:
+    """The side of the revealed square for images (C, H, W): ``patch`` itself (a ValueError naming it when it is
+    larger than the shorter side), or for None `DEFAULT_PATCH` capped at ⌊min(H, W)/2⌋ (at least 1; the key names
+    keep "patch10")."""
+    side = min(image_shape[1:])
+    if patch is None:
+        return max(1, min(DEFAULT_PATCH, side // 2))
+    check_int("patch", patch, 1)
+    if patch > side:
+        raise ValueError(f"patch: must be at most the image side {side} "
                          f"(images {image_shape[1]}×{image_shape[2]}), got {patch}")
+    return patch
 
 
 def _generation_metrics(means: torch.Tensor, samples: torch.Tensor, test: torch.Tensor,
@@ -179,7 +203,7 @@ def _span_angle(factors: list[torch.Tensor], truth: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, num_samples: int | None = None,
-                   batch_size: int = 50, patch: int = 10, seed: int = 0, dequantize: bool = True,
+                   batch_size: int = 50, patch: int | None = None, seed: int = 0, dequantize: bool = True,
                    true_factor: torch.Tensor | None = None, diag_scale: float | None = None,
                    face_reference: dict[str, Any] | None = None, face_images: int = 100,
                    progress: bool = False) -> dict[str, Any]:
@@ -188,56 +212,63 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     ``span_angle_deg`` (synthetic data). ``diag_scale`` s (a calibration, `sosvae_lib.calibration`) adds the keys of
     `calibrated_keys` at the diagonal s·d (IWAE from the same importance samples); None sets them to None.
     ``face_reference`` (`sosvae_lib.faces.face_reference`) adds the face metrics of the first ``face_images``
-    generated means and samples."""
+    generated means and samples. ``patch``: side of the revealed square (None: `DEFAULT_PATCH`, capped at half the
+    image's shorter side).
+
+    Everything runs on the model's device; the randomness (seeded by ``seed``) is drawn on the CPU, so a seed gives
+    the same numbers on every device. Per-image results stay on the device and are read back once at the end."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     model.eval()  # BatchNorm (arch "authors") must use its running statistics, not the batch's
-    n, image_shape, d, gen, masks, scores = _setup(images, patch, seed)
+    n, image_shape, d, gen, masks, scores = _setup(images, patch, seed, device)
     rescale = None if diag_scale is None else (lambda dist: rescale_diagonal(dist, diag_scale))
-    ll, ll_cal, elbo, kl, factors = [], [], [], [], []
+    parts: dict[str, list[torch.Tensor]] = dict(log_likelihood=[], log_likelihood_calibrated=[], elbo=[], kl=[])
+    factors = []
     bar = tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].to(device)
         b = x.shape[0]
         x_score = M.dequantize(x, gen) if dequantize else x
-        bound = M.iwae_log_likelihood(model, x_score, k=k, generator=gen,
-                                      variants=None if rescale is None else dict(calibrated=rescale))
-        ll.append(bound["log_likelihood"].cpu())
-        if rescale is not None:
-            ll_cal.append(bound["log_likelihood_calibrated"].cpu())
-        elbo.append(bound["elbo"].cpu())
-        kl.append(bound["kl"].cpu())
-        obs = model.decode(model.encode(x).loc)
-        scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), masks(start, obs),
-                   None if rescale is None else rescale(obs))
+        with deferred_checks():  # non-finite numbers are caught once, below
+            bound = M.iwae_log_likelihood(model, x_score, k=k, generator=gen,
+                                          variants=None if rescale is None else dict(calibrated=rescale))
+            obs = model.decode(model.encode(x).loc)
+            scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), masks(start, obs),
+                       None if rescale is None else rescale(obs))
+        for key, values in parts.items():
+            if key in bound:
+                values.append(bound[key])
         if true_factor is not None and obs.cov_factor.shape[-1] > 0:
-            factors += list(obs.cov_factor.detach().double().cpu())
+            factors += list(obs.cov_factor.detach().double())
         bar.update(b)
     bar.close()
-    nll = -torch.cat(ll)
-    out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(nll.mean(), d)),
-                               elbo_bpd=float(M.bits_per_dim(-torch.cat(elbo).mean(), d)),
-                               iwae_k=k, kl_nats=float(torch.cat(kl).mean()))
+    means = {key: torch.cat(values).mean() for key, values in parts.items() if values}
+    means = dict(zip(means, torch.stack(list(means.values())).tolist()))  # one read-back
+    if not all(map(math.isfinite, means.values())):
+        raise ValueError(f"model: gives non-finite likelihoods on these images ({means}); its weights or outputs "
+                         f"hold NaN or Inf")
+    out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(-means["log_likelihood"], d)),
+                               elbo_bpd=float(M.bits_per_dim(-means["elbo"], d)),
+                               iwae_k=k, kl_nats=means["kl"])
     out.update(dict.fromkeys(calibrated_keys()))
-    if ll_cal:
-        out["test_nll_bpd_calibrated"] = float(M.bits_per_dim(-torch.cat(ll_cal).mean(), d))
+    if "log_likelihood_calibrated" in means:
+        out["test_nll_bpd_calibrated"] = float(M.bits_per_dim(-means["log_likelihood_calibrated"], d))
     out.update(scores.result(image_shape))
 
     m = num_samples if num_samples is not None else min(n, 500)
-    means, samples = [], []
+    gen_means, gen_samples = [], []
     for start in range(0, m, batch_size):
         b = min(batch_size, m - start)
-        z = torch.randn(b, model.latent_dim, generator=gen).to(device)
-        obs = model.decode(z)
-        means.append(obs.loc.detach().cpu())
-        samples.append(_draw(obs, gen).cpu())
-    means_t, samples_t = torch.cat(means), torch.cat(samples)
-    out.update(_generation_metrics(means_t, samples_t, images.reshape(n, d).cpu(), image_shape))
+        obs = model.decode(M.host_to(torch.randn(b, model.latent_dim, generator=gen), device))
+        gen_means.append(obs.loc.detach())
+        gen_samples.append(_draw(obs, gen))
+    means_t, samples_t = torch.cat(gen_means), torch.cat(gen_samples)
+    out.update(_generation_metrics(means_t, samples_t, images.reshape(n, d), image_shape))
     if face_reference is not None:
         out.update(_face_metrics(means_t[:face_images], samples_t[:face_images], image_shape, face_reference))
     if factors:
-        out["span_angle_deg"] = _span_angle(factors, true_factor.double().cpu())
+        out["span_angle_deg"] = _span_angle(factors, true_factor.double().to(device))
     return out
 
 
@@ -250,26 +281,28 @@ def _face_metrics(means: torch.Tensor | None, samples: torch.Tensor, image_shape
                              samples.reshape(shape).clamp(0, 1), reference, reference.get("net"))
 
 
-def _setup(images: torch.Tensor, patch: int, seed: int):
-    """What every evaluation of test images [N, C, H, W] starts from: (N, (C, H, W), D, the seeded generator,
-    masks, an empty score accumulator). The random patch corners and then the random50 masks are drawn from the
-    generator first; ``masks(start, obs)`` gives {family: observed [B, D]} for the images start … start + B − 1 with
-    observation distributions ``obs`` (whose variance places the patch10_maxvar square)."""
+def _setup(images: torch.Tensor, patch: int | None, seed: int, device: torch.device):
+    """What every evaluation of test images [N, C, H, W] on ``device`` starts from: (N, (C, H, W), D, the seeded
+    CPU generator, masks, an empty score accumulator). The random patch corners and then the random50 masks are
+    drawn from the generator first and moved to the device once; ``masks(start, obs)`` gives {family: observed
+    [B, D]} on the device for the images start … start + B − 1 with observation distributions ``obs`` (whose
+    variance places the patch10_maxvar square). ``patch`` None: `DEFAULT_PATCH` capped at the image."""
     n = images.shape[0]
     image_shape = tuple(images.shape[1:])
-    _check_patch(patch, image_shape)
+    patch = resolve_patch(patch, image_shape)
     gen = torch.Generator().manual_seed(seed)
-    corners = M.random_patch_corners(n, image_shape, patch, generator=gen)
-    random50 = M.random_pixel_masks(n, image_shape, 0.5, generator=gen)
+    tops, lefts = (c.to(device) for c in M.random_patch_corners(n, image_shape, patch, generator=gen))
+    random50 = M.random_pixel_masks(n, image_shape, 0.5, generator=gen).to(device)
+    halves = {side: M.half_masks(1, image_shape, side, device=device) for side in ("top", "left")}
 
     def masks(start: int, obs: Any) -> dict[str, torch.Tensor]:
         b = obs.loc.shape[0]
         sl = slice(start, start + b)
         return dict(random50=random50[sl],
-                    patch10=M.patch_masks(image_shape, corners[0][sl], corners[1][sl], patch),
+                    patch10=M.patch_masks(image_shape, tops[sl], lefts[sl], patch),
                     patch10_maxvar=M.patch_masks(image_shape, *M.most_uncertain_patch(obs.variance, image_shape, patch),
                                                  patch),
-                    top_half=M.half_masks(b, image_shape, "top"), left_half=M.half_masks(b, image_shape, "left"))
+                    top_half=halves["top"].expand(b, -1), left_half=halves["left"].expand(b, -1))
 
     return n, image_shape, math.prod(image_shape), gen, masks, _Scores()
 
@@ -278,30 +311,36 @@ def _draw(obs: Any, gen: torch.Generator) -> torch.Tensor:
     """One sample per batch element, y = μ + P ε_R + √d ε_D, with the noise drawn from ``gen``: [B, D]."""
     shape = obs.loc.shape
     rank = obs.cov_factor.shape[-1]
-    eps_r = torch.randn(*shape[:-1], rank, generator=gen, dtype=obs.loc.dtype).to(obs.loc.device) if rank else None
-    eps_d = torch.randn(*shape, generator=gen, dtype=obs.loc.dtype).to(obs.loc.device)
+    eps_r = M.host_to(torch.randn(*shape[:-1], rank, generator=gen, dtype=obs.loc.dtype), obs.loc.device) if rank \
+        else None
+    eps_d = M.host_to(torch.randn(*shape, generator=gen, dtype=obs.loc.dtype), obs.loc.device)
     return obs.from_noise(eps_r, eps_d).detach()
 
 
 @torch.no_grad()
 def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None = None, batch_size: int = 50,
-                 patch: int = 10, seed: int = 0, dequantize: bool = True,
+                 patch: int | None = None, seed: int = 0, dequantize: bool = True,
                  true_factor: torch.Tensor | None = None, face_reference: dict[str, Any] | None = None,
                  face_images: int = 100) -> dict[str, Any]:
     """The metrics of `evaluate_model` that apply to a global PPCA (`sosvae_lib.pca.fit_pca`) on test images
     [N, C, H, W]: test_nll_bpd is exact (no latent, so no IWAE, ELBO or KL); residuals are x − m; samples are
     draws of N(m, WWᵀ + σ²I) and the generated "means" are the single global mean. σ² is the maximum-likelihood
     value (already calibrated): the calibrated keys repeat the trained ones, ``eps_calibrated`` = σ² and
-    ``diag_scale_calibrated`` = 1."""
-    n, image_shape, d, gen, masks, scores = _setup(images, patch, seed)
+    ``diag_scale_calibrated`` = 1.
+
+    Runs in float64 on the fit's device (`sosvae_lib.pca.PCAModel.to`); randomness and read-backs as in
+    `evaluate_model`."""
+    device = fit.mean.device
+    n, image_shape, d, gen, masks, scores = _setup(images, patch, seed, device)
     nll = []
     for start in range(0, n, batch_size):
-        x = images[start:start + batch_size].reshape(-1, d).double()
+        x = images[start:start + batch_size].to(device).reshape(-1, d).double()
         b = x.shape[0]
         x_score = M.dequantize(x, gen) if dequantize else x
         dist = fit.distribution(b, dtype=torch.float64)
-        nll.append(-dist.log_prob(x_score))
-        scores.add(dist, x, x_score, masks(start, dist))
+        with deferred_checks():
+            nll.append(-dist.log_prob(x_score))
+            scores.add(dist, x, x_score, masks(start, dist))
     out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(torch.cat(nll).mean(), d)))
     out.update(scores.result(image_shape))
     out.update({key: out[key.removesuffix("_cal").replace("_calibrated", "")] for key in calibrated_keys()})
@@ -313,7 +352,7 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
     if face_reference is not None:
         out.update(_face_metrics(dist.loc[:1], samples[:face_images], image_shape, face_reference))
     if true_factor is not None:
-        out["span_angle_deg"] = M.span_angle_deg(fit.components, true_factor.double())
+        out["span_angle_deg"] = M.span_angle_deg(fit.components, true_factor.double().to(device))
     out["explained_variance_ratio"] = fit.explained_variance_ratio
     out["noise_var"] = fit.noise_var
     return out
@@ -324,12 +363,15 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
 
     Options (defaults in ``DEFAULTS``): ``k`` importance samples (8), ``num_images`` test images scored (200, a
     deterministic subset; None = all), ``num_samples`` prior draws for the generation metrics (None = as many as images scored),
-    ``batch_size`` (50), ``patch`` side of the revealed square (10), ``seed`` (0; seeds all randomness, so a
-    repeated call gives identical numbers), ``pca`` also score the PPCA baseline (True), ``pca_train_items``
-    training images for the baseline (2000), ``dequantize`` (None = as trained), ``calibrate`` fit the diagonal
-    scale on the val split (True; low-rank heads), ``calibration_images`` (None = num_images), ``faces`` face
-    metrics for 3-channel data when facenet-pytorch is installed (True), ``face_images`` (100), ``device``
-    ("cpu"), ``progress`` (tqdm), ``write`` (True; also writes ``run_dir/calibration.json``).
+    ``batch_size`` (50), ``patch`` side of the revealed square (None = 10, capped at half the image's shorter side),
+    ``seed`` (0; seeds all randomness, so a repeated call gives identical numbers), ``pca`` also score the PPCA
+    baseline (True; fitted and scored in float64 on ``device``; skipped, with a ``pca_skipped`` note, when the run
+    has fewer than 2 training images), ``pca_train_items`` training images for the baseline (2000), ``dequantize``
+    (None = as trained), ``calibrate`` fit the diagonal scale on the val split (True; low-rank heads),
+    ``calibration_images`` (None = num_images), ``faces`` face metrics for 3-channel data when facenet-pytorch is
+    installed (True), ``face_images`` (100), ``device`` ("cpu"), ``root`` the data folder (None = the run's
+    ``TrainConfig.root``; give it when the data moved), ``progress`` (tqdm), ``write`` (True; also writes
+    ``run_dir/calibration.json``).
 
     Keys: test_nll_bpd (IWAE, k samples), elbo_bpd, iwae_k, kl_nats, target_kl, residual_corr_samples,
     residual_corr_data, span_capture; for each mask family f of `sosvae_lib.metrics.INPAINT_FAMILIES` (random50,
@@ -343,10 +385,12 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     head; for CelebA-like 3-channel data with facenet-pytorch: face_rate_real, face_rate_blur2, fd_blur2,
     face_rate_means, face_rate_samples, fd_means, fd_samples (`sosvae_lib.faces`; fd is not FID);
     spectrum_dist_mean, spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's
-    keys prefixed ``pca_``, and dataset, head, rank, latent, epochs, complete (summary.json says the run
-    finished), train_seconds, split, num_images, dequantized, seed, eval_seconds.
+    keys prefixed ``pca_`` (or ``pca_skipped``, why there are none), and dataset, head, rank, latent, epochs (the
+    epochs the evaluated checkpoint was trained for), epochs_planned (``TrainConfig.epochs``), complete (epochs =
+    epochs_planned; a RuntimeWarning when not), train_seconds (of the checkpoint), split, num_images, patch (the
+    side used), dequantized, seed, eval_seconds.
     """
-    from .checkpoint import SUMMARY, atomic_write_json, load_run
+    from .checkpoint import atomic_write_json, load_run
     from .data import load_dataset
 
     o = _check_options(split, options)
@@ -356,10 +400,14 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     device = str(resolve_device(o["device"]))  # a GPU that is not there: one line, before the checkpoint is read
     start_time = time.perf_counter()
     model, config = load_run(run_dir, device=device)
-    summary_path = run_dir / SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    trained = _trained(run_dir)
+    if trained["epochs"] < config.epochs:
+        warnings.warn(f"run_dir: {run_dir} holds the checkpoint after epoch {trained['epochs']} of {config.epochs} "
+                      f"(training incomplete); the numbers describe that checkpoint (recorded as epochs "
+                      f"{trained['epochs']}, complete false)", RuntimeWarning, stacklevel=2)
+    root = config.root if o["root"] is None else str(o["root"])
     data_options: dict[str, Any] = {} if o["num_images"] is None else dict(max_items=o["num_images"])
-    dataset = load_dataset(config.dataset, split, image_size=config.image_size, root=config.root, **data_options)
+    dataset = load_dataset(config.dataset, split, image_size=config.image_size, root=root, **data_options)
     images = stack_images(dataset, o["num_images"])
     # Only 8-bit data are dequantised (a float data set such as `synthetic` is scored as it is).
     eight_bit = getattr(getattr(dataset, "images", None), "dtype", torch.uint8) == torch.uint8
@@ -371,7 +419,7 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     calibration = None
     if o["calibrate"] and model.rank > 0:
         cal_images = o["calibration_images"] or o["num_images"]
-        val_set = load_dataset(config.dataset, "val", image_size=config.image_size, root=config.root,
+        val_set = load_dataset(config.dataset, "val", image_size=config.image_size, root=root,
                                **({} if cal_images is None else dict(max_items=cal_images)))
         calibration = calibrate_model(model, stack_images(val_set, cal_images).to(device),
                                       batch_size=o["batch_size"], dequantize=dequantize,
@@ -387,11 +435,12 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
                   face_images=o["face_images"])
     result: dict[str, Any] = dict(dataset=config.dataset, head=config.head, rank=int(model.rank),
                                   latent=int(config.latent), split=split, num_images=int(images.shape[0]),
+                                  patch=resolve_patch(o["patch"], tuple(images.shape[1:])),
                                   dequantized=bool(dequantize), seed=o["seed"],
                                   target_kl=None if config.beta is not None else float(config.target_kl),
-                                  epochs=int(summary.get("epochs", config.epochs)),
-                                  complete=bool(summary.get("complete", False)),
-                                  train_seconds=summary.get("train_seconds"))
+                                  epochs=trained["epochs"], epochs_planned=int(config.epochs),
+                                  complete=trained["epochs"] >= config.epochs,
+                                  train_seconds=trained["train_seconds"])
     result.update(_calibration_keys(calibration))
     if face_ref is not None:
         result.update({key: value for key, value in face_ref.items() if key not in ("features", "net")})
@@ -400,18 +449,33 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     if o["pca"]:
         rank = int(model.rank) if model.rank > 0 else int(config.rank)
         train_options: dict[str, Any] = dict(max_items=min(o["pca_train_items"], config.max_items or o["pca_train_items"]))
-        train_set = load_dataset(config.dataset, "train", image_size=config.image_size, root=config.root,
+        train_set = load_dataset(config.dataset, "train", image_size=config.image_size, root=root,
                                  augment=False, **train_options)
         train_images = stack_images(train_set, train_options["max_items"])
-        rank = min(rank, min(train_images.shape[0], math.prod(train_images.shape[1:])) - 1)
-        fit = fit_pca(train_images.reshape(train_images.shape[0], -1), rank, seed=o["seed"])
-        base = evaluate_pca(fit, images, **common)
-        result.update({f"pca_{key}": value for key, value in base.items()})
-        result["pca_rank"] = rank
+        if train_images.shape[0] < 2:  # a covariance needs two images
+            result["pca_skipped"] = (f"the PPCA baseline needs at least 2 training images; the run has "
+                                     f"{train_images.shape[0]}")
+            warnings.warn(f"pca: skipped, {result['pca_skipped']}", RuntimeWarning, stacklevel=2)
+        else:
+            rank = min(rank, min(train_images.shape[0], math.prod(train_images.shape[1:])) - 1)
+            fit = fit_pca(train_images.reshape(train_images.shape[0], -1).to(device), rank, seed=o["seed"])
+            base = evaluate_pca(fit, images, **common)
+            result.update({f"pca_{key}": value for key, value in base.items()})
+            result["pca_rank"] = rank
     result["eval_seconds"] = time.perf_counter() - start_time
     if o["write"]:
         atomic_write_json(run_dir / f"eval_{split}.json", result)
     return result
+
+
+def _trained(run_dir: Path) -> dict[str, Any]:
+    """The epochs and training seconds of the checkpoint in ``run_dir`` (verified by `load_run` just before; its
+    tensors are memory-mapped, not read). summary.json is not used: it describes the last finished training, which
+    a later ``--resume`` to more epochs may have outgrown."""
+    from .checkpoint import CHECKPOINT
+
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", mmap=True, weights_only=False)
+    return dict(epochs=int(state["epoch"]), train_seconds=state.get("train_seconds"))
 
 
 def _calibration_keys(cal: Calibration | None) -> dict[str, Any]:
@@ -433,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images scored (0 = the whole split)")
     p.add_argument("--num-samples", type=int, default=None, help="prior draws (default: as many as images)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--patch", type=int, default=DEFAULTS["patch"], help="side of the revealed inpainting square")
+    p.add_argument("--patch", type=int, default=DEFAULTS["patch"],
+                   help="side of the revealed inpainting square (default: 10, capped at half the image's side)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--no-pca", action="store_true", help="skip the PPCA baseline")
     p.add_argument("--pca-train-items", type=int, default=DEFAULTS["pca_train_items"])
@@ -444,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-images", type=int, default=DEFAULTS["face_images"],
                    help="images given to the face detector")
     p.add_argument("--device", default=DEFAULTS["device"])
+    p.add_argument("--root", default=None,
+                   help="data folder (default: the one the run was trained on; give it when the data moved)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -457,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed, pca=not args.no_pca, pca_train_items=args.pca_train_items,
                           dequantize=args.dequantize, device=args.device, progress=not args.no_progress,
                           calibrate=not args.no_calibrate, calibration_images=args.calibration_images,
-                          faces=not args.no_faces, face_images=args.face_images)
+                          faces=not args.no_faces, face_images=args.face_images, root=args.root)
     except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

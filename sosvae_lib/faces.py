@@ -52,14 +52,14 @@ def _check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Images [N, C, H, W] convolved with a normalised Gaussian of standard deviation ``sigma`` pixels (separable,
-    kernel radius ⌈3σ⌉, reflected borders); sigma = 0 returns a copy."""
+    kernel radius ⌈3σ⌉, reflected borders; on the images' device); sigma = 0 returns a copy."""
     if not sigma >= 0:
         raise ValueError(f"sigma: must be >= 0 (pixels), got {sigma!r}")
     x = images.float()
     if sigma == 0:
         return x.clone()
     radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     c = x.shape[1]

@@ -38,11 +38,29 @@ LOG2 = math.log(2.0)
 # Bits per dimension and the importance-sampled likelihood
 # ----------------------------------------------------------------------------------------------------------
 
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (made on the CPU) on ``device``: to a GPU through pinned memory and a non-blocking copy, so the host
+    does not wait for the GPU's queue (the copy is ordered on the stream before the kernels that read it)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _noise_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where random noise for tensors on ``device`` is drawn: on the generator's device (a CPU generator gives the
+    same draws on every device, so the CPU and the GPU evaluate the same numbers; `host_to` moves them), or on
+    ``device`` itself when there is no generator (its global generator)."""
+    return device if generator is None else torch.device(generator.device)
+
+
 def dequantize(x: torch.Tensor, generator: torch.Generator | None = None, bits: int = 8) -> torch.Tensor:
-    """x = k/(2^bits − 1) → x̃ = (k + u)/2^bits, u ~ U[0, 1) elementwise: uniform noise over k's bin. Any shape."""
+    """x = k/(2^bits − 1) → x̃ = (k + u)/2^bits, u ~ U[0, 1) elementwise: uniform noise over k's bin. Any shape.
+    u is drawn on ``generator``'s device (see `_noise_device`)."""
     levels = 2 ** bits
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-    return (x * (levels - 1) + u) / levels
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=_noise_device(generator, x.device))
+    return (x * (levels - 1) + host_to(u, x.device)) / levels
 
 
 def bits_per_dim(nll_nats: torch.Tensor | float, num_dims: int | torch.Tensor, bits: int = 8):
@@ -68,7 +86,7 @@ class LatentModel(Protocol):
 
 def standard_normal_kl(posterior: Normal) -> torch.Tensor:
     """KL(q(z|x) ‖ N(0, I)) in nats, summed over latents: posterior with batch shape [B, L] → [B]."""
-    prior = Normal(torch.zeros_like(posterior.loc), torch.ones_like(posterior.scale))
+    prior = Normal(torch.zeros_like(posterior.loc), torch.ones_like(posterior.scale), validate_args=False)
     return kl_divergence(posterior, prior).sum(-1)
 
 
@@ -90,15 +108,18 @@ def iwae_log_likelihood(model: LatentModel, x: torch.Tensor, k: int = 8,
     posterior = model.encode(x)
     flat = x.reshape(x.shape[0], -1)
     loc, scale = posterior.loc, posterior.scale
+    q = Normal(loc, scale, validate_args=False)  # validation would read back from the device at every call
+    p = Normal(torch.zeros_like(loc), torch.ones_like(loc), validate_args=False)
     log_w, log_px = [], []
     log_w_var: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
     for _ in range(k):
-        eps = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device="cpu").to(loc.device)
-        z = loc + scale * eps
+        eps = torch.randn(loc.shape, generator=generator, dtype=loc.dtype,
+                          device=_noise_device(generator, loc.device))
+        z = loc + scale * host_to(eps, loc.device)
         obs = model.decode(z)
         lp = obs.log_prob(flat).double()
-        log_q = Normal(loc, scale).log_prob(z).sum(-1).double()
-        log_p = Normal(torch.zeros_like(z), torch.ones_like(z)).log_prob(z).sum(-1).double()
+        log_q = q.log_prob(z).sum(-1).double()
+        log_p = p.log_prob(z).sum(-1).double()
         log_px.append(lp)
         log_w.append(lp + log_p - log_q)
         for name, f in variants.items():
@@ -234,13 +255,14 @@ def span_angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def patch_masks(image_shape: tuple[int, int, int], tops: torch.Tensor, lefts: torch.Tensor,
                 size: int = 10) -> torch.Tensor:
-    """Boolean masks [B, D] that are True on a size×size patch (all channels) with corner (tops[b], lefts[b])."""
+    """Boolean masks [B, D] that are True on a size×size patch (all channels) with corner (tops[b], lefts[b]);
+    made on the corners' device."""
     c, h, w = image_shape
     if size > h or size > w:
         raise ValueError(f"size: patch of {size}×{size} does not fit images of {h}×{w}")
     tops, lefts = torch.as_tensor(tops).long(), torch.as_tensor(lefts).long()
-    rows = torch.arange(h)
-    cols = torch.arange(w)
+    rows = torch.arange(h, device=tops.device)
+    cols = torch.arange(w, device=lefts.device)
     in_rows = (rows[None, :] >= tops[:, None]) & (rows[None, :] < tops[:, None] + size)  # [B, H]
     in_cols = (cols[None, :] >= lefts[:, None]) & (cols[None, :] < lefts[:, None] + size)  # [B, W]
     grid = in_rows[:, :, None] & in_cols[:, None, :]  # [B, H, W]
@@ -249,24 +271,26 @@ def patch_masks(image_shape: tuple[int, int, int], tops: torch.Tensor, lefts: to
 
 def random_patch_corners(n: int, image_shape: tuple[int, int, int], size: int = 10,
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """n uniformly random top-left corners (tops [n], lefts [n]) of size×size patches inside the image."""
+    """n uniformly random top-left corners (tops [n], lefts [n]) of size×size patches inside the image, on the
+    generator's device (the CPU without one)."""
     _, h, w = image_shape
     if not 1 <= size <= min(h, w):
         raise ValueError(f"size: patch of {size}×{size} does not fit images of {h}×{w}")
-    tops = torch.randint(0, h - size + 1, (n,), generator=generator)
-    lefts = torch.randint(0, w - size + 1, (n,), generator=generator)
+    device = None if generator is None else generator.device
+    tops = torch.randint(0, h - size + 1, (n,), generator=generator, device=device)
+    lefts = torch.randint(0, w - size + 1, (n,), generator=generator, device=device)
     return tops, lefts
 
 
 def most_uncertain_patch(variance: torch.Tensor, image_shape: tuple[int, int, int],
                          size: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Corner (tops [B], lefts [B]) of the size×size patch with the largest total marginal variance
-    Σ_{i ∈ patch, all channels} Σ_ii; variance [B, D] (e.g. ``dist.variance``)."""
+    Σ_{i ∈ patch, all channels} Σ_ii; variance [B, D] (e.g. ``dist.variance``). On the variance's device."""
     c, h, w = image_shape
     v = variance.detach().double().reshape(-1, c, h, w).sum(1, keepdim=True)
     pooled = F.avg_pool2d(v, size, stride=1)[:, 0]  # [B, H-size+1, W-size+1]
     idx = pooled.flatten(1).argmax(1)
-    return (idx // pooled.shape[-1]).cpu(), (idx % pooled.shape[-1]).cpu()
+    return idx // pooled.shape[-1], idx % pooled.shape[-1]
 
 
 INPAINT_FAMILIES = ("random50", "patch10", "patch10_maxvar", "top_half", "left_half")
@@ -282,21 +306,24 @@ pixel is hidden and scored; a pixel position is observed or hidden in all channe
 def random_pixel_masks(n: int, image_shape: tuple[int, int, int], fraction: float = 0.5,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Boolean masks [n, D], True on exactly ⌊fraction·H·W⌋ pixel positions (all channels of each), drawn uniformly
-    without replacement and independently for each of the n images."""
+    without replacement and independently for each of the n images; on the generator's device (the CPU without
+    one)."""
     c, h, w = image_shape
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction: must be in [0, 1], got {fraction!r}")
     keep = int(math.floor(fraction * h * w))
-    order = torch.rand(n, h * w, generator=generator).argsort(-1)
-    grid = torch.zeros(n, h * w, dtype=torch.bool).scatter_(1, order[:, :keep], True)
+    order = torch.rand(n, h * w, generator=generator, device=None if generator is None else generator.device)
+    order = order.argsort(-1)
+    grid = torch.zeros(n, h * w, dtype=torch.bool, device=order.device).scatter_(1, order[:, :keep], True)
     return grid[:, None].expand(n, c, h * w).reshape(n, c * h * w)
 
 
-def half_masks(n: int, image_shape: tuple[int, int, int], side: str) -> torch.Tensor:
+def half_masks(n: int, image_shape: tuple[int, int, int], side: str,
+               device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean masks [n, D] (all channels), True on the top half (``side="top"``: rows i < ⌊H/2⌋) or the left half
-    (``side="left"``: columns j < ⌊W/2⌋) of the image; the same for all n images."""
+    (``side="left"``: columns j < ⌊W/2⌋) of the image; the same for all n images; made on ``device``."""
     c, h, w = image_shape
-    grid = torch.zeros(h, w, dtype=torch.bool)
+    grid = torch.zeros(h, w, dtype=torch.bool, device=device)
     if side == "top":
         grid[: h // 2] = True
     elif side == "left":

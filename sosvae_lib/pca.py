@@ -7,11 +7,14 @@ U the top-R eigenvectors of the sample covariance S with eigenvalues λ_1 ≥ �
 solution σ² = (tr S − Σ_{j≤R} λ_j) / (D − R), W = U diag(λ_j − σ²)^{1/2}. The fit never forms S: it uses the
 SVD of the centred data (exact when min(N, D) is small, randomised otherwise), and tr S = ‖X − m‖²_F / N.
 Unlike the VAE, the baseline is one global Gaussian: the same μ and P for every image.
+
+The fit runs in float64 on the training images' device (a GPU's float64 is fast enough at these sizes: the
+largest product is N×D by D×N), so `sosvae_lib.evaluate` fits and scores the baseline where the model runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,13 +26,19 @@ _EXACT_LIMIT = 2048  # min(N, D) up to which the SVD is exact
 @dataclass(frozen=True)
 class PCAModel:
     """A fitted PCA / PPCA: mean [D], components U [D, R] (orthonormal columns), eigenvalues λ [R] (descending),
-    noise_var σ², explained_variance_ratio (Σ_{j≤R} λ_j / tr S). Tensors are float64."""
+    noise_var σ², explained_variance_ratio (Σ_{j≤R} λ_j / tr S). Tensors are float64, on the device of the
+    training images (`to` moves them)."""
 
     mean: torch.Tensor
     components: torch.Tensor
     eigenvalues: torch.Tensor
     noise_var: float
     total_variance: float
+
+    def to(self, device: torch.device | str) -> "PCAModel":
+        """The same fit with its tensors on ``device``."""
+        return replace(self, mean=self.mean.to(device), components=self.components.to(device),
+                       eigenvalues=self.eigenvalues.to(device))
 
     @property
     def rank(self) -> int:
@@ -61,8 +70,9 @@ def fit_pca(train_images: torch.Tensor, rank: int, noise_var: float | None = Non
     """Fit PCA / PPCA of rank R to train_images [N, D] (or [N, C, H, W], flattened channel-first).
 
     noise_var: σ² (None: the PPCA maximum-likelihood value, floored at min_noise_var so the density stays
-    proper). The SVD is exact when min(N, D) ≤ 2048, else randomised (``torch.svd_lowrank``, R + 20 columns,
-    6 power iterations, seeded by ``seed``).
+    proper). The SVD is exact when min(N, D) ≤ 2048, else randomised (`_randomized_right_vectors`, R + 20
+    columns, 6 power iterations, seeded by ``seed``: the same on every device, the global generators untouched).
+    Computed on the device of ``train_images``.
     """
     x = train_images.reshape(train_images.shape[0], -1).double()
     n, d = x.shape
@@ -84,14 +94,23 @@ def fit_pca(train_images: torch.Tensor, rank: int, noise_var: float | None = Non
             w, u = w.flip(0)[:rank].clamp_min(0), u.flip(1)[:, :rank]
             s = w.sqrt()
     else:
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            _, s, u = torch.svd_lowrank(xc, q=min(rank + 20, min(n, d)), niter=6)  # xc ≈ U S Vᵀ; V [D, q]
-        finally:
-            torch.random.set_rng_state(state)
+        s, u = _randomized_right_vectors(xc, q=min(rank + 20, min(n, d)), niter=6, seed=seed)
         u, s = u[:, :rank], s[:rank]
     eig = s ** 2 / n
     if noise_var is None:
         noise_var = max((total - float(eig.sum())) / (d - rank), min_noise_var)
     return PCAModel(mean=mean, components=u, eigenvalues=eig, noise_var=float(noise_var), total_variance=total)
+
+
+def _randomized_right_vectors(x: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-q singular values [q] and right singular vectors [D, q] of x [N, D] by randomised subspace iteration
+    (Halko, Martinsson & Tropp, 2011, algorithms 4.4 and 5.1): Q = orth(x Ω) for a Gaussian Ω [D, q], refined by
+    ``niter`` power iterations Q ← orth(x orth(xᵀ Q)); then the SVD of the small B = Qᵀ x = U_B S Vᵀ gives x ≈ (Q U_B)
+    S Vᵀ. Ω is drawn on the CPU from a generator seeded by ``seed`` and moved to x's device."""
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(x.shape[1], q, generator=gen, dtype=x.dtype).to(x.device)
+    basis = torch.linalg.qr(x @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(x @ torch.linalg.qr(x.mT @ basis).Q).Q
+    _, s, vh = torch.linalg.svd(basis.mT @ x, full_matrices=False)
+    return s, vh.mT

@@ -35,7 +35,9 @@ COLUMNS = ("dataset", "head", "rank", "latent", "epochs", "test_nll_bpd", "elbo_
 FACE_REFERENCE_COLUMNS = ("face_rate_real", "face_rate_blur2", "fd_blur2")
 FACE_COLUMNS = FACE_REFERENCE_COLUMNS + ("face_rate_means", "face_rate_samples", "fd_means", "fd_samples")
 EXTRA_COLUMNS = ("inpaint_nll_bpd", "inpaint_rmse_uncond_maxvar", "inpaint_rmse_cond_maxvar", "span_angle_deg",
-                 "val_recon_nll_bpd", "val_recon_nll_bpd_calibrated") + FACE_COLUMNS + ("iwae_k", "num_images", "run")
+                 "val_recon_nll_bpd", "val_recon_nll_bpd_calibrated") + FACE_COLUMNS + (
+                     "epochs_planned", "complete", "iwae_k", "num_images", "run")
+# epochs is the number the evaluated checkpoint was trained for; complete is False when it is fewer than planned
 # The Markdown table: the numbers behind the paper's claims, lowrank against diagonal.
 MARKDOWN_COLUMNS = ("dataset", "head", "rank", "test_nll_bpd", "test_nll_bpd_calibrated", "residual_corr_samples",
                     "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond",

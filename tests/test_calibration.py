@@ -184,3 +184,54 @@ def test_read_calibration_round_trip(tmp_path):
                         num_images=3, num_dims=10, at_bound=False)
     (tmp_path / C.CALIBRATION_FILE).write_text(json.dumps(dict(cal.to_dict(), split="val", seed=0)))
     assert C.read_calibration(tmp_path) == cal
+
+
+# ------------------------------------------------------------------------------------------------- bad input (issue 17)
+
+def test_calibration_api_rejects_bad_input_naming_it(tmp_path):
+    """issue 17 items 10 and 11: each bad input is one ValueError/TypeError naming the argument (or the file), as
+    given, raised before any decoder pass; before, NaN images gave torch's _LinAlgError, a wrong size "expanded
+    size", one-element bounds an IndexError, batch_size=0 "range() arg 3 must not be zero", bounds=(1, 1e-3) was
+    reported as (1e5, 100), and a corrupt or incomplete calibration.json a JSONDecodeError / KeyError."""
+    model = _tiny_vae()
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    nan = images.clone()
+    nan[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="^images: has NaN"):
+        C.calibrate_model(model, nan, dequantize=False)
+    with pytest.raises(ValueError, match=r"^images: must be \[N, C, H, W\] with \(C, H, W\) = \(1, 8, 8\)"):
+        C.calibrate_model(model, torch.rand(4, 1, 6, 6), dequantize=False)
+    with pytest.raises(ValueError, match=r"^bounds: .*got \(0\.001,\)"):
+        C.calibrate_model(model, images, bounds=(1e-3,))
+    with pytest.raises(ValueError, match=r"^bounds: .*got \(1, 0\.001\)"):  # as given, not as (1e5, 100)
+        C.calibrate_model(model, images, bounds=(1, 1e-3))
+    with pytest.raises(ValueError, match="^batch_size:"):
+        C.calibrate_model(model, images, batch_size=0)
+    with pytest.raises(ValueError, match="^images: no images"):
+        C.calibrate_model(model, images[:0])
+    with pytest.raises(ValueError, match="^x: must be finite"):
+        C.diag_scale_statistics(torch.zeros(2, 5), torch.ones(2, 5, 1), 1e-3, torch.full((2, 5), float("nan")))
+    path = tmp_path / C.CALIBRATION_FILE
+    path.write_text('{"scale": 2.0, "eps"')
+    with pytest.raises(ValueError, match=f"^calibration: {path} is not valid JSON"):
+        C.read_calibration(tmp_path)
+    path.write_text(json.dumps(dict(scale=2.0, trained_eps=1e-5)))
+    with pytest.raises(ValueError, match=f"^calibration: {path} is incomplete .*eps"):
+        C.read_calibration(tmp_path)
+    path.write_text(json.dumps(["not", "a", "record"]))
+    with pytest.raises(ValueError, match="^calibration: .* is incomplete"):
+        C.read_calibration(tmp_path)
+
+
+def test_calibrate_run_names_its_own_arguments(tmp_path):
+    """issue 17 item 11: calibrate_run(num_images=0) named max_items (the data loader's argument)."""
+    from sosvae_lib.config import TrainConfig
+    from sosvae_lib.train import train
+
+    train(TrainConfig.preset("smoke", max_items=8), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="^num_images:"):
+        C.calibrate_run(tmp_path / "run", num_images=0)
+    with pytest.raises(ValueError, match=r"^bounds: .*got \(1, 0\.001\)"):
+        C.calibrate_run(tmp_path / "run", bounds=(1, 1e-3))
+    cal = C.calibrate_run(tmp_path / "run", num_images=4, write=True)
+    assert C.read_calibration(tmp_path / "run") == cal and cal.num_images == 4

@@ -515,7 +515,7 @@ def test_evaluate_pca_on_planted_model():
     train_x, test_x = truth.sample((3000,)), truth.sample((200,))
     fit = P.fit_pca(train_x, r)
     with pytest.raises(ValueError, match="^patch:"):
-        evaluate_pca(fit, test_x.reshape(200, *shape), dequantize=False)  # 10×10 patch on 8×8 images
+        evaluate_pca(fit, test_x.reshape(200, *shape), dequantize=False, patch=10)  # 10×10 patch on 8×8 images
     out = evaluate_pca(fit, test_x.reshape(200, *shape), dequantize=False, patch=4, true_factor=truth.cov_factor)
     exact = float(M.gaussian_bpd(truth, test_x).mean())
     assert out["test_nll_bpd"] == pytest.approx(exact, abs=0.01)
@@ -532,3 +532,95 @@ def test_evaluate_pca_on_planted_model():
         assert out[f"inpaint_rmse_cond_{f}"] < 0.02 < 0.5 * out[f"inpaint_rmse_uncond_{f}"]
         assert out[f"inpaint_nll_bpd_cond_{f}"] < out[f"inpaint_nll_bpd_uncond_{f}"] - 0.1
     assert out["eps_calibrated"] == fit.noise_var and out["test_nll_bpd_calibrated"] == out["test_nll_bpd"]
+
+
+# ------------------------------------------------------------------------------------------------- evaluate: issue 17
+
+def _small_run(parent, name: str, **overrides):
+    from sosvae_lib.config import TrainConfig
+    from sosvae_lib.train import train
+
+    train(TrainConfig.preset("smoke", **overrides), parent / name, progress=False)
+    return parent / name
+
+
+@pytest.mark.parametrize("size", [(9, 7), (4, 4)])
+def test_evaluate_default_patch_fits_small_images(tmp_path, size):
+    """issue 17 item 13: the default 10×10 patch refused valid 9×7 and 4×4 runs; it is now capped at half the
+    shorter side (as the editor figures cap theirs), and only a patch given explicitly is refused when too large."""
+    from sosvae_lib.evaluate import evaluate
+
+    run = _small_run(tmp_path, "run", image_size=size, levels=1, max_items=8)
+    out = evaluate(run, k=1, num_images=6, progress=False, write=False, pca=False)
+    assert out["patch"] == min(size) // 2
+    for f in M.INPAINT_FAMILIES:
+        assert math.isfinite(out[f"inpaint_rmse_cond_{f}"]) and math.isfinite(out[f"inpaint_nll_bpd_cond_{f}"]), f
+    with pytest.raises(ValueError, match="^patch: must be at most the image side"):
+        evaluate(run, patch=min(size) + 1, k=1, num_images=6, progress=False, write=False, pca=False)
+
+
+def test_evaluate_skips_the_ppca_baseline_of_a_one_image_run(tmp_path):
+    """issue 17 item 11: a `--max-items 1` run's evaluation failed with "rank: … got 0" (PPCA needs 2 training
+    images); the baseline is now skipped with a note in the results and a warning."""
+    from sosvae_lib.evaluate import evaluate
+    from sosvae_lib.tables import rows_from_eval
+
+    run = _small_run(tmp_path, "run", max_items=1)
+    with pytest.warns(RuntimeWarning, match="pca: skipped"):
+        out = evaluate(run, k=1, num_images=4, progress=False, write=False)
+    assert out["pca_skipped"] == "the PPCA baseline needs at least 2 training images; the run has 1"
+    assert "pca_test_nll_bpd" not in out and math.isfinite(out["test_nll_bpd"])
+    assert len(rows_from_eval(out)) == 1  # no baseline row in the tables
+
+
+def test_evaluate_takes_a_moved_data_root(tmp_path, capsys):
+    """issue 17 item 12: a moved data root said "pass root=…" but evaluate had no root option nor --root."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from sosvae_lib.data import load_dataset
+    from sosvae_lib.evaluate import evaluate, main
+
+    original = Path(load_dataset("orl", "test", image_size=16, max_items=1).root)
+    shutil.copytree(original, tmp_path / "faces")
+    run = _small_run(tmp_path, "run", root=str(tmp_path / "faces"), max_items=8)
+    (tmp_path / "faces").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="root="):
+        evaluate(run, k=1, num_images=4, progress=False, write=False, pca=False)
+    out = evaluate(run, root=tmp_path / "moved", k=1, num_images=4, progress=False, write=False)
+    assert out["num_images"] == 4 and math.isfinite(out["pca_test_nll_bpd"])
+    assert main([str(run), "--root", str(tmp_path / "moved"), "--k", "1", "--num-images", "4", "--no-pca",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 4
+    assert main([str(run), "--root", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="^root:"):
+        evaluate(run, root=3)
+
+
+def test_evaluate_records_the_epochs_the_checkpoint_was_trained_for(tmp_path):
+    """issue 17 item 15: a checkpoint at epoch 1 of 3 was recorded as "epochs": 3 without a word."""
+    import json
+
+    from sosvae_lib.evaluate import evaluate
+
+    run = _small_run(tmp_path, "run", max_items=8, epochs=1)
+    finished = evaluate(run, k=1, num_images=4, progress=False, write=False, pca=False)
+    assert (finished["epochs"], finished["complete"]) == (1, True)
+    # what a training of 3 epochs killed after its first leaves: the checkpoint at epoch 1, no summary.json
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["epochs"] = 3
+    torch.save(state, run / "checkpoint.pt")
+    (run / "config.json").write_text(json.dumps(state["config"]))
+    (run / "summary.json").unlink()
+    with pytest.warns(RuntimeWarning, match="after epoch 1 of 3"):
+        out = evaluate(run, k=1, num_images=4, progress=False, write=False, pca=False)
+    assert (out["epochs"], out["complete"]) == (1, False)
+    assert out["train_seconds"] == pytest.approx(state["train_seconds"])
+    assert (out["epochs_planned"], finished["epochs_planned"]) == (3, 1)
+    from sosvae_lib.tables import rows_from_eval, to_csv
+
+    row = rows_from_eval(out)[0]
+    assert (row["epochs"], row["epochs_planned"], row["complete"]) == (1, 3, False)
+    assert "epochs_planned,complete" in to_csv([row]).splitlines()[0]
