@@ -6,7 +6,8 @@ killed at any moment leaves either the previous or the new version, never a torn
 Run directory: ``config.json``, ``checkpoint.pt`` (dict with ``"model"``, ``"optimizer"``, ``"lambda"``,
 ``"lambda_entropy"``, ``"rng"``, ``"epoch"`` (completed epochs), ``"config"``, ``"image_shape"``, ``"history"``
 (per-epoch metric rows), ``"train_seconds"``, ``"weights_sha256"`` and ``"optimizer_sha256"``), ``metrics.csv``,
-``summary.json`` (when finished), ``tb/``, and ``train.lock`` (held while a training writes the folder).
+``summary.json`` (when finished), ``tb/``, and ``train.lock`` (held while a training writes the folder; see
+`run_lock`).
 
 Integrity: `torch.load` reads a checkpoint whose tensor bytes were altered without a word, so every checkpoint
 carries the SHA-256 of its model and optimizer tensors (`tensor_digest`) and `load_checkpoint` recomputes them:
@@ -119,14 +120,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"run_dir: no checkpoint at {path}; train a run there first")
-    advice = "delete it to start the run again, or restore a good copy"
+    # A run's own checkpoint.pt that cannot be read is damaged (deleting it restarts the run); any other file the
+    # caller named is most likely not a checkpoint at all, and deleting it is not the advice to give.
+    own = path.name == CHECKPOINT
+    advice = ("delete it to start the run again, or restore a good copy" if own
+              else f"give a run folder (the --out of a training) or its {CHECKPOINT}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint: {path} is empty (0 bytes); {advice}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # noqa: BLE001 — zip, pickle and storage errors all mean the same to the user
-        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else 'no detail'}); {advice}") from None
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+        what = "is truncated or corrupt" if own else "is not a checkpoint"
+        raise CheckpointError(f"checkpoint: {path} {what} ({detail}); {advice}") from None
     required = ("model", "optimizer", "epoch", "config", "image_shape", "history")
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
@@ -157,41 +163,124 @@ def check_out_dir(path: str | os.PathLike, name: str = "out") -> Path:
     return path
 
 
+# The files only a training holding the run lock writes: a temporary of one of these found by the next lock holder
+# is the leftover of a writer that was killed mid-write (other files of the folder, such as an evaluation's, are
+# written without the lock, so their temporaries may belong to a live writer and are left alone).
+TRAINER_FILES = (CHECKPOINT, CONFIG, METRICS, SUMMARY)
+
+
+def _stale_temporaries(run_dir: Path) -> list[Path]:
+    """The temporaries `atomic_write_bytes` leaves of `TRAINER_FILES` when its writer is killed mid-write."""
+    return sorted(p for name in TRAINER_FILES for p in run_dir.glob(f".{name}.*.tmp") if p.is_file())
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold ``run_dir/train.lock`` (creating the folder) for the duration of the block, so that two trainings
     never write one run directory. The lock is an advisory `flock`: the kernel drops it when the process ends,
     however it ends, so a killed run never leaves it stuck (the file itself stays, unlocked). Raises
-    `RunLockedError` naming the folder and the holder's pid when another process holds it."""
+    `RunLockedError` naming the folder and the holder's pid when another process holds it.
+
+    On taking the lock, the temporaries of `TRAINER_FILES` left by a writer killed mid-write are deleted (the lock
+    proves that no live training is writing them). On leaving, if the folder holds nothing but the lock file (the
+    block failed before writing anything, e.g. a usage error found while building the model), the lock file and
+    the folders this call created are removed, so a refused run leaves no trace. The lock file is unlinked while
+    still locked; a process that opened it just before then sees, once it holds the lock, that the path no longer
+    names the file it locked, and starts again on the new one.
+    """
     import fcntl
 
     run_dir = Path(run_dir)
+    first_existing = run_dir
+    while not first_existing.exists() and first_existing != first_existing.parent:
+        first_existing = first_existing.parent
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    lock_path = run_dir / LOCK
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a refused run that held the lock removed the folder it had created
+            run_dir.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise RunLockedError(f"out: {run_dir} is being written by another training (pid {holder}); wait for it "
                                  f"to finish, or choose another --out") from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file we opened: lock the one the path names now
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for tmp in _stale_temporaries(run_dir):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         try:
             yield run_dir
         finally:
+            left: list[str] = []
+            with contextlib.suppress(OSError):
+                left = [p.name for p in run_dir.iterdir()]
+            if left == [LOCK]:
+                with contextlib.suppress(FileNotFoundError):
+                    lock_path.unlink()
+                folder = run_dir
+                while folder != first_existing and folder != folder.parent:
+                    try:
+                        folder.rmdir()  # only if empty: never removes what another process put there meanwhile
+                    except OSError:
+                        break
+                    folder = folder.parent
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
 
+def resolve_root(root: str | None, run_dir: str | os.PathLike) -> str | None:
+    """The data root of the run in ``run_dir`` as an absolute path (None stays None: the dataset's default).
+
+    `sosvae_lib.train.train` stores roots absolute (`os.path.abspath` after `~` expansion, so a run can be
+    evaluated from any folder). A run trained before that stores the root as it was typed, relative to the folder
+    the training was started from, which is not recorded; it is looked for, in order, in the current folder (where
+    it was read before) and in each folder above ``run_dir`` (the project folder of the usual ``runs/NAME``
+    layout); the first that holds it is taken. If none does, the path relative to the current folder is returned,
+    and the data loader's error names it.
+    """
+    if root is None:
+        return None
+    path = Path(os.path.expanduser(root))
+    if path.is_absolute():
+        return os.path.abspath(path)
+    for base in (Path.cwd(), *Path(os.path.abspath(run_dir)).parents):
+        if (base / path).exists():
+            return os.path.abspath(base / path)
+    return os.path.abspath(path)
+
+
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode on ``device``, TrainConfig) of the run saved in ``run_dir``."""
+    """(model in eval mode on ``device``, TrainConfig) of the run saved in ``run_dir`` (a run folder, or its
+    ``checkpoint.pt``); the configuration's ``root`` is absolute (`resolve_root`). Another file is a
+    NotADirectoryError naming it; a missing or damaged checkpoint, see `load_checkpoint`."""
     from .config import TrainConfig
     from .model import build_model
 
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        if run_dir.name != CHECKPOINT:
+            raise NotADirectoryError(f"run_dir: {run_dir} is a file, not a run folder; give the --out folder of a "
+                                     f"training run")
+        run_dir = run_dir.parent
     ckpt = load_checkpoint(run_dir, map_location="cpu")  # verified: altered weights never reach a model
     config = TrainConfig.from_dict(ckpt["config"])
+    if config.root is not None:
+        config = config.replace(root=resolve_root(config.root, run_dir))
     model = build_model(config, tuple(ckpt["image_shape"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), config

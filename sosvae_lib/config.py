@@ -98,7 +98,9 @@ class TrainConfig:
     ``num_workers`` of the data loader; ``precision`` of the encoder and trunk (``fp32``, ``bf16`` autocast, or
     ``auto``: bf16 on a CUDA device that supports it, fp32 elsewhere; the heads' outputs, the likelihood, the KL
     and the objective are always float32); ``data_on_device`` keeps the whole uint8 training set on the device
-    (flips and dequantisation there too); ``compile`` wraps the model in `torch.compile`.
+    (flips and dequantisation there too); ``compile`` wraps the model in `torch.compile`; ``deterministic`` makes a
+    CUDA run bitwise reproducible (deterministic algorithms, no cuDNN autotuning; slower, see
+    `sosvae_lib.devices.configure_cuda`; the CPU is reproducible without it).
     """
 
     dataset: str = "orl"
@@ -135,6 +137,7 @@ class TrainConfig:
     precision: str = "auto"
     data_on_device: bool = False
     compile: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -189,7 +192,7 @@ class TrainConfig:
         check_int("num_workers", self.num_workers, 0)
         if self.precision not in PRECISIONS:
             _fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("data_on_device", "compile"):
+        for name in ("data_on_device", "compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be True or False, got {getattr(self, name)!r}")
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from .devices import resolve_device  # noqa: F401 — the one device resolution, re-exported for its old callers
+
 
 @dataclass
 class DistContext:
@@ -37,32 +39,15 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → cuda if available else cpu; ``cuda`` → this process's GPU; ``cuda:N`` → GPU N, which must exist;
-    ``cpu``. Anything else, or a GPU that is not there, is one ValueError naming ``device``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not isinstance(name, str) or not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
-        raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {name!r}")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise ValueError(f"device: {name!r} was asked for but no CUDA device is available here; use auto or cpu")
-    if name == "cuda":
-        return torch.device("cuda", local_rank % count)
-    index = int(name[5:])
-    if index >= count:
-        raise ValueError(f"device: {name!r} was asked for but this machine has {count} CUDA device(s), "
-                         f"cuda:0 … cuda:{count - 1}")
-    return torch.device("cuda", index)
-
-
 def init_distributed(device: str = "auto") -> DistContext:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU); else a 1-process context."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU); else a 1-process context.
+
+    The device is `sosvae_lib.devices.resolve_device`'s: on CUDA each process takes the GPU of its LOCAL_RANK (a
+    ValueError naming ``device`` when the node has fewer GPUs than processes, or when ``cuda:N`` would put every
+    process on one GPU), checked before the process group is joined."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, world)
     if world <= 1:
         return DistContext(device=dev)
     owns = False

@@ -7,6 +7,8 @@ image (or the pixel-wise independent baseline). The model only computes; the obj
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
@@ -67,6 +69,8 @@ class VAE(nn.Module):
 
     def _autocast(self, t: torch.Tensor, enabled: bool = True):
         dtype = self.autocast_dtype
+        if not torch.amp.is_autocast_available(t.device.type):  # e.g. "meta" (step-cost counting): nothing to cast
+            return contextlib.nullcontext()
         return torch.autocast(t.device.type, dtype=dtype or torch.bfloat16, enabled=enabled and dtype is not None)
 
     def encode(self, x: torch.Tensor) -> Normal:

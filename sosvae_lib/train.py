@@ -8,23 +8,32 @@ The same command under ``torchrun --nproc_per_node=N`` trains with DistributedDa
 `sosvae_lib.distributed`). Each epoch rank 0 writes ``DIR/checkpoint.pt`` atomically, then ``DIR/metrics.csv``
 and TensorBoard scalars in ``DIR/tb``; ``DIR/summary.json`` marks a finished run.
 
-Same bits on every CPU: the data order of an epoch depends only on (seed, epoch); flips and dequantisation noise
-are drawn in the training process from a generator reseeded from (seed, rank, epoch) at the start of every epoch
-(so ``--num-workers`` changes nothing); the CPU uses the contiguous layout (`memory_format`). Two runs with the same
-seed and thread count give the same weights, and ``--resume`` from a checkpoint reproduces the weights of an
-uninterrupted run bit for bit. A non-finite loss or gradient stops the run before the optimiser step, naming the
-epoch and batch; the last good checkpoint is left as it was.
+What is bit-exact where. The data order of an epoch depends only on (seed, epoch); flips and dequantisation noise
+are drawn on the training device from a generator of their own, reseeded from (seed, rank, epoch) at the start of
+every epoch (so ``--num-workers`` changes nothing), and the model's own draws from torch's generators, reseeded
+likewise. On the CPU (contiguous layout, `memory_format`): two runs with the same seed and thread count give the
+same weights, and ``--resume`` reproduces the weights of an uninterrupted run bit for bit, with or without
+``--deterministic``. On CUDA: only with ``--deterministic`` (`sosvae_lib.devices.configure_cuda`), and then on the
+same GPU model, driver and torch build; without it (the default: cuDNN autotuning and atomic-add backward kernels
+are faster) runs and resumptions agree to rounding, not to the bit. A CPU run and a CUDA run never agree bit for
+bit (different kernels and random streams). A non-finite loss or gradient stops the run before the optimiser step,
+naming the epoch and batch; the last good checkpoint is left as it was.
 
 Exit codes: 0 done; 2 a usage error, printed as one line naming the flag, path or file, before any data is loaded
 or any file written (bad values, a missing or unreadable data folder, an ``--out`` that is a file or not writable,
-a damaged checkpoint, a GPU that is not there, a folder another training holds); 1 a failed training.
+a damaged checkpoint, nothing to ``--resume``, a GPU that is not there, ``--compile`` on the CPU, a folder another
+training holds); 1 a failed training; 130 Ctrl-C, printed as one line naming the epoch and the command that resumes
+the run (the last checkpoint is the last finished epoch's, intact).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,13 +47,14 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .config import ARCHS, HEADS, PRECISIONS, PRESETS, USAGE_ERRORS, TrainConfig, preset_fields
 from .distributed import (DistContext, all_reduce_sum, cleanup, init_distributed, make_sampler, wrap_model)
+from .devices import configure_cuda
 from .distributions import deferred_checks
 from .metrics import bits_per_dim, dequantize
 from .model import VAE, build_model
 from .objectives import make_objective
 
 # Fields that may differ between a run and its resumption (everything else must match the checkpoint).
-RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "root", "data_on_device", "compile")
+RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "root", "data_on_device", "compile", "deterministic")
 
 
 class _LossTerms(nn.Module):
@@ -79,10 +89,19 @@ def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch * 101 + 17) % (2 ** 63)
 
 
-def _rng_state() -> dict:
+def _data_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of the data generator (flips, dequantisation noise) for an epoch: not `_epoch_seed`, whose stream
+    the model's reparameterisation draws from on the same device (the same seed would correlate the two)."""
+    return (_epoch_seed(seed, rank, epoch) ^ 0x9E3779B97F4A7C15) % (2 ** 63)
+
+
+def _rng_state(generator: torch.Generator | None = None) -> dict:
+    """The generators' states, for the record (a resumed run reseeds every epoch and needs none of them): Python's,
+    numpy's, torch's CPU one, and ``generator``'s (the run's data generator, on its device) when given. No CUDA
+    call otherwise: a CPU run on a GPU machine must not make a context on every GPU."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["data"] = generator.get_state()
     return state
 
 
@@ -140,25 +159,73 @@ def _check_resume_config(stored: TrainConfig, given: TrainConfig, done_epochs: i
     return stored.replace(**{k: b[k] for k in RESUMABLE_CHANGES})
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`. Its message is the one line the command prints (exit 130): the epoch that was
+    running and the command that resumes the run, or that nothing was written. A KeyboardInterrupt, so code that
+    stops on Ctrl-C still does."""
+
+
+def _resume_command(out_dir: Path) -> str:
+    return f"python -m sosvae_lib.train --out {shlex.quote(str(out_dir))} --resume"
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _cap_workers(config: TrainConfig, ctx: DistContext) -> TrainConfig:
+    """``config`` with ``num_workers`` capped at `_usable_cpus` (one warning line on stderr when capped): more
+    worker processes than CPUs only cost their start-up (1000 workers took 53 s for 32 images), and the run's
+    numbers do not depend on the worker count."""
+    cpus = _usable_cpus()
+    if config.num_workers <= cpus:
+        return config
+    if ctx.is_main:
+        print(f"warning: num_workers: {config.num_workers} loader workers asked for, but this process may use {cpus} "
+              f"CPUs; using {cpus}", file=sys.stderr)
+    return config.replace(num_workers=cpus)
+
+
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train the model ``config`` describes; write the run to ``out_dir``; return the summary dict.
 
-    ``resume=True`` continues from ``out_dir/checkpoint.pt`` (starting fresh when there is none) up to
-    ``config.epochs``; without it an existing checkpoint in ``out_dir`` is an error. The summary holds
-    ``train_seconds``, ``epochs``, ``complete``, the last epoch's metrics, ``images_per_second`` and
-    ``weights_sha256`` (returned on every rank; written to ``summary.json`` by rank 0).
+    ``resume=True`` continues from ``out_dir/checkpoint.pt`` up to ``config.epochs``; when there is none it starts
+    afresh with ``config`` (a ``config.json`` left by a run killed before its first checkpoint is replaced; the
+    command line's ``--resume`` instead continues that stored configuration, see `config_from_args`). Without
+    ``resume`` an existing checkpoint in ``out_dir`` is an error. The summary holds ``train_seconds``, ``epochs``,
+    ``complete``, the last epoch's metrics, ``images_per_second`` and ``weights_sha256`` (returned on every rank;
+    written to ``summary.json`` by rank 0).
+
+    ``config.root`` is stored absolute (a relative one is taken from the current folder), so the run can be
+    evaluated from any folder. ``config.num_workers`` above the CPUs this process may use is capped at them, with
+    one warning line on stderr (`_cap_workers`); the capped value is stored.
 
     Everything that can be checked without data is checked before any data is loaded or file written: the
-    device, ``out_dir`` (a writable folder), the checkpoint to resume (intact; its configuration compatible) —
+    device, ``out_dir`` (a writable folder), the checkpoint to resume (intact; its configuration compatible),
+    ``compile`` on the CPU (refused: `torch.compile` corrupted the heap of CPU training on AMD EPYC hosts) —
     each a one-line error (see `sosvae_lib.config.USAGE_ERRORS`). While it runs, the training holds
-    ``out_dir/train.lock``, so a second training into the same folder stops with `RunLockedError`.
+    ``out_dir/train.lock``, so a second training into the same folder stops with `RunLockedError`; an error found
+    under the lock before anything was written (such as a rank above the image's dimension) leaves no file.
+
+    Ctrl-C raises `TrainingInterrupted` (a KeyboardInterrupt) whose message names the epoch that was running and
+    the command that resumes the run; the last checkpoint is that of the last finished epoch, intact.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: must be a TrainConfig, got {type(config).__name__}")
     out_dir = ckpt_io.check_out_dir(out_dir)
+    if config.root is not None:  # absolute, so that the run can be evaluated from any folder
+        config = config.replace(root=os.path.abspath(os.path.expanduser(config.root)))
     ctx = init_distributed(config.device)
     try:
         config, state = _resumable_state(config, out_dir, resume)
+        if config.compile and ctx.device.type == "cpu":
+            raise ValueError("compile: torch.compile is refused on the CPU (CPU training under it corrupted the heap "
+                             "on AMD EPYC hosts, and it was no faster: 0.94x at the cpu preset); use --no-compile "
+                             "(compile=False), or a CUDA device")
+        config = _cap_workers(config, ctx)
         dataset = _load_train_set(config)
         if len(dataset) == 0:
             raise ValueError(f"dataset: {config.dataset!r} has no training images")
@@ -169,6 +236,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
                 raise ckpt_io.RunLockedError(f"out: another training wrote {out_dir / ckpt_io.CHECKPOINT} while "
                                              f"this one was loading its data; resume it or choose another --out")
             return _train(config, out_dir, state, dataset, progress, ctx)
+    except KeyboardInterrupt as err:
+        if isinstance(err, TrainingInterrupted):
+            raise
+        if (out_dir / ckpt_io.CHECKPOINT).is_file() or (out_dir / ckpt_io.CONFIG).is_file():
+            raise TrainingInterrupted(f"interrupted before training started; resume with "
+                                      f"`{_resume_command(out_dir)}`") from None
+        raise TrainingInterrupted(f"interrupted before training started; nothing was written to {out_dir}") from None
     finally:
         cleanup(ctx)
 
@@ -204,6 +278,7 @@ class Run:
     loader: Any = None
     sampler: Any = None
     flip: bool = False
+    generator: torch.Generator | None = None  # flips and dequantisation noise, on the device (see _batches)
     device_images: torch.Tensor | None = None
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
@@ -212,19 +287,25 @@ class Run:
 def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistContext | None = None,
               dataset: Any = None, state: dict | None = None, forward_fn: Callable | None = None) -> Run:
     """Build the model (weights from ``config.seed``, or from the checkpoint ``state``), its optimiser and objective
-    on ``ctx.device`` (default: the CPU, one process), and, given a ``dataset``, its loader. ``forward_fn``: see
-    `_LossTerms` (the benchmark's reference likelihood)."""
+    on ``ctx.device`` (default: the CPU, one process), and, given a ``dataset``, its loader and the data generator
+    (on the device). ``forward_fn``: see `_LossTerms` (the benchmark's reference likelihood).
+
+    On CUDA this sets torch's process-wide switches (`sosvae_lib.devices.configure_cuda`): no TF32, and either
+    cuDNN autotuning or, with ``config.deterministic``, deterministic algorithms. On the CPU it changes none.
+    ``ctx.device`` may be ``meta`` (no dataset): the step's transfers are then counted without computing."""
     from .data import make_loader
 
     ctx = ctx or DistContext()
     device = ctx.device
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed image sizes: let cuDNN pick its fastest kernels once
+        configure_cuda(config.deterministic)
     _seed_everything(config.seed)  # the initial weights depend on the seed only
     layout = memory_format(device)
     model = build_model(config, tuple(image_shape)).to(device).to(memory_format=layout)
     model.autocast_dtype = autocast_dtype(config.precision, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # On CUDA the fused Adam: one kernel for all parameters, where the foreach one reads each parameter's step
+    # counter back from host memory (148 host ops per step at the cpu preset). The CPU keeps the default (its bits).
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True if device.type == "cuda" else None)
     objective = make_objective(config).to(device)
     run = Run(config=config, ctx=ctx, model=model, step_module=model, optimizer=optimizer, objective=objective,
               noise_params=model.noise_parameters(), layout=layout, bits=getattr(dataset, "bits", None) or 8,
@@ -249,6 +330,7 @@ def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistC
     if run.flip:
         dataset.flip = False
     run.sampler = make_sampler(dataset, ctx, config.seed, shuffle=True)
+    run.generator = torch.Generator(device=device)  # reseeded at every epoch's start (_batches)
     if config.data_on_device:
         images = getattr(dataset, "images", None)
         if not isinstance(images, torch.Tensor) or not hasattr(dataset, "unit"):
@@ -257,7 +339,8 @@ def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistC
         run.device_images = images.to(device)
     else:
         run.loader = make_loader(dataset, config.batch_size, shuffle=False, seed=config.seed,
-                                 num_workers=config.num_workers, drop_last=False, sampler=run.sampler)
+                                 num_workers=config.num_workers, drop_last=False, sampler=run.sampler,
+                                 pin_memory=device.type == "cuda")
     return run
 
 
@@ -266,7 +349,11 @@ def train_step(run: Run, x: torch.Tensor, pretrain: bool = False, where: str = "
     process-summed float64 statistics [loss, nll sum, kl sum, entropy sum, images] on the device.
 
     One host synchronisation, the NaN guard: a non-finite loss or gradient raises FloatingPointError (``where``
-    names the batch) before the parameters change. Everything else, the multipliers included, stays on the device.
+    names the batch) before the parameters change. Everything else, the multipliers included, stays on the device,
+    and nothing is copied from the host. The gradients enter the guard through one fused reduction
+    (``torch._foreach_norm``: on CUDA a few multi-tensor kernels for all parameters, not one kernel per parameter);
+    a NaN or ±inf in any gradient makes its L2 norm, and so the packed sum, non-finite. (A finite gradient entry
+    above ~1.8e19, whose float32 square overflows, is reported as non-finite too: such a step is lost anyway.)
     """
     objective, ctx = run.objective, run.ctx
     with deferred_checks():  # the guard below sees what the likelihood's own checks would
@@ -280,7 +367,7 @@ def train_step(run: Run, x: torch.Tensor, pretrain: bool = False, where: str = "
         for p in run.noise_params:
             p.grad = None
     grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-    grad_sum = torch.stack([g.sum() for g in grads]).sum() if grads else loss.new_zeros(())
+    grad_sum = torch.stack(torch._foreach_norm(grads)).sum() if grads else loss.new_zeros(())
     ent_sum = entropy.detach().sum() if entropy is not None else loss.new_zeros(())
     packed = torch.cat([torch.stack([loss.detach(), nll.detach().sum(), kl.detach().sum(), ent_sum]).double(),
                         loss.new_full((1,), x.shape[0], dtype=torch.float64), objective.violations(kl, entropy),
@@ -294,22 +381,34 @@ def train_step(run: Run, x: torch.Tensor, pretrain: bool = False, where: str = "
     return packed[:5]
 
 
-def _batches(run: Run):
-    """The epoch's batches, on the device, flipped and dequantised (the sampler's epoch must be set)."""
+def _batches(run: Run, epoch: int):
+    """Epoch ``epoch``'s batches (0-based) on the device, flipped and dequantised.
+
+    Sets the sampler's epoch and reseeds ``run.generator`` from (seed, rank, epoch), so an epoch's batches depend
+    only on those (exact ``--resume``; any ``num_workers``). Flips and dequantisation noise are drawn on the device
+    from that generator. Host-to-device traffic: with a loader, one copy per batch (pinned by the loader on CUDA,
+    non-blocking); with the data on the device, one pinned non-blocking copy of the epoch's order (from the
+    sampler, the same order as the loader's), then batches are gathered on the device. No read-back.
+    """
     from .data import flip_batch
 
-    config, device = run.config, run.ctx.device
+    config, device, generator = run.config, run.ctx.device, run.generator
+    run.sampler.set_epoch(epoch)
+    generator.manual_seed(_data_seed(config.seed, run.ctx.rank, epoch))
     if run.device_images is not None:
         order = torch.tensor(list(iter(run.sampler)), dtype=torch.long)
-        source = (run.dataset.unit(run.device_images[idx.to(device)]) for idx in order.split(config.batch_size))
+        if device.type == "cuda":
+            order = order.pin_memory()
+        order = order.to(device, non_blocking=True)
+        source = (run.dataset.unit(run.device_images[idx]) for idx in order.split(config.batch_size))
     else:
         source = (_first(batch) for batch in run.loader)
     for x in source:
-        if run.flip:
-            x = flip_batch(x)  # the global generator, reseeded every epoch (exact resume)
         x = x.to(device, non_blocking=True).contiguous(memory_format=run.layout)
+        if run.flip:
+            x = flip_batch(x, generator)
         if config.dequantize:
-            x = dequantize(x, bits=run.bits)  # the same generator
+            x = dequantize(x, generator, bits=run.bits)
         yield x
 
 
@@ -317,13 +416,12 @@ def train_epoch(run: Run, epoch: int, bar: Any = None) -> dict[str, Any]:
     """Train epoch ``epoch`` (0-based); return its metric row (also appended to ``run.history``). Statistics are
     summed on the device and read once, at the end of the epoch."""
     config, ctx, objective = run.config, run.ctx, run.objective
-    torch.manual_seed(_epoch_seed(config.seed, ctx.rank, epoch))
-    run.sampler.set_epoch(epoch)
+    torch.manual_seed(_epoch_seed(config.seed, ctx.rank, epoch))  # the model's draws (the reparameterisation)
     pretrain = epoch < config.pretrain_epochs
     run.model.train()
     sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # loss, nll, kl, entropy, images
     t0 = time.perf_counter()
-    for batch_idx, x in enumerate(_batches(run)):
+    for batch_idx, x in enumerate(_batches(run, epoch)):
         try:
             sums += train_step(run, x, pretrain, f"epoch {epoch + 1}, batch {batch_idx + 1} (1-based)")
         except FloatingPointError as err:
@@ -355,7 +453,7 @@ def _save(run: Run, out_dir: Path, image_shape: list[int], writer: Any) -> None:
     epoch = run.history[-1]["epoch"]
     ckpt_io.atomic_save({
         "model": model_state, "optimizer": optim_state, "lambda": run.objective.lam,
-        "lambda_entropy": run.objective.lam_entropy, "rng": _rng_state(), "epoch": epoch,
+        "lambda_entropy": run.objective.lam_entropy, "rng": _rng_state(run.generator), "epoch": epoch,
         "config": run.config.to_dict(), "image_shape": image_shape, "history": run.history,
         "train_seconds": run.train_seconds, "weights_sha256": ckpt_io.tensor_digest(model_state),
         "optimizer_sha256": ckpt_io.tensor_digest(optim_state),
@@ -393,11 +491,15 @@ def _train(config: TrainConfig, out_dir: Path, state: dict | None, dataset, prog
         from tqdm.auto import tqdm
         steps = math.ceil(len(run.sampler) / config.batch_size)
         bar = tqdm(total=(config.epochs - start_epoch) * steps, desc="train", dynamic_ncols=True, file=sys.stderr)
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, config.epochs):
             train_epoch(run, epoch, bar)
             if ctx.is_main:
-                _save(run, out_dir, image_shape, writer)
+                _save(run, out_dir, image_shape, writer)  # atomic: Ctrl-C inside leaves the previous checkpoint
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"interrupted at epoch {epoch + 1} of {config.epochs}; resume with "
+                                  f"`{_resume_command(out_dir)}`") from None
     finally:
         if bar is not None:
             bar.close()
@@ -456,38 +558,73 @@ def build_parser() -> argparse.ArgumentParser:
                       ("batch-size", int), ("max-items", int), ("pretrain-epochs", int), ("seed", int),
                       ("num-workers", int), ("lr", float), ("target-kl", float), ("damping", float),
                       ("lambda-lr", float), ("entropy-target", float), ("beta", float), ("eps", float)]:
-        p.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"))
+        p.add_argument(f"--{name}", type=typ, dest=name.replace("-", "_"),
+                       help=("data loader worker processes (0: load in the training process); more than the CPUs "
+                             "this process may use are capped at that number, with a warning"
+                             if name == "num-workers" else None))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None, dest="data_on_device",
                    help="keep the whole uint8 training set on the device (small data sets on a GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA: the same seed gives the same bits and --resume continues bit for bit (deterministic "
+                        "algorithms, no cuDNN autotuning; slower). Off by default; the CPU is bitwise without it")
     return p
 
 
+def _stored_config(path: Path) -> TrainConfig:
+    """The TrainConfig in a run's ``config.json``; one ValueError naming the file when it cannot be used."""
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError; a non-dict is a TypeError
+        raise ValueError(f"config: {path} is not a usable run configuration ({err}); delete the folder to start the "
+                         f"run again") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the command line describes. Without ``--resume`` (or with no checkpoint in ``--out``
-    yet): the preset (default cpu) with the given flags. With ``--resume``: the configuration stored in the
-    checkpoint, with the given flags and the given preset's fields on top; `train` then refuses any of them that
-    differs from the stored run, naming it."""
+    """The TrainConfig the command line describes. Without ``--resume``: the preset (default cpu) with the given
+    flags. With ``--resume``: the configuration stored in ``--out`` (its checkpoint's, or, for a run killed before
+    its first checkpoint, its ``config.json``) with the given flags and the given preset's fields on top; any of
+    them that differs from the stored run in a field other than `RESUMABLE_CHANGES` is refused naming it (by
+    `train` against a checkpoint, here against a ``config.json``). A folder with neither is a FileNotFoundError:
+    there is nothing to resume. A stored relative ``root`` (a run trained before roots were stored absolute) is
+    found as `sosvae_lib.checkpoint.resolve_root` says, unless ``--root`` is given."""
     given = {k: v for k, v in vars(args).items()
              if k not in ("config", "out", "resume", "no_progress") and v is not None}
-    ckpt_path = Path(args.out) / ckpt_io.CHECKPOINT
-    if not (args.resume and ckpt_path.is_file()):
+    if not args.resume:
         return TrainConfig.preset(args.config or "cpu", **given)
-    stored = TrainConfig.from_dict(ckpt_io.load_checkpoint(ckpt_path)["config"])
+    out = ckpt_io.check_out_dir(args.out)  # a file given as --out: one line naming it, before anything is read
+    ckpt_path, config_path = out / ckpt_io.CHECKPOINT, out / ckpt_io.CONFIG
+    if ckpt_path.is_file():
+        stored = TrainConfig.from_dict(ckpt_io.load_checkpoint(ckpt_path)["config"])
+    elif config_path.is_file():
+        stored = _stored_config(config_path)
+    else:
+        raise FileNotFoundError(f"out: {out} holds no run to resume (no {ckpt_io.CHECKPOINT} or {ckpt_io.CONFIG}); "
+                                f"drop --resume to start a new run there")
+    if stored.root is not None:
+        stored = stored.replace(root=ckpt_io.resolve_root(stored.root, out))
     fields = preset_fields(args.config) if args.config else {}
     fields.update(given)
-    return stored.replace(**fields)
+    config = stored.replace(**fields)
+    if not ckpt_path.is_file():  # nothing trained yet, but the run is the stored one: the checkpoint's rules
+        config = _check_resume_config(stored, config, 0, out)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line. Exit codes: 0 done; 2 a usage error (one line naming the flag, path or file, raised
-    before any data is loaded or any file written); 1 the training itself failed (a non-finite loss)."""
+    before any data is loaded or any file written); 1 the training itself failed (a non-finite loss); 130 Ctrl-C
+    (one line: the epoch it stopped in and the command that resumes the run)."""
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
         summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt as e:
+        print(str(e) if isinstance(e, TrainingInterrupted) else "interrupted before training started",
+              file=sys.stderr)
+        return 130
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
