@@ -31,6 +31,7 @@ from .distributed import resolve_device
 from . import faces
 from .calibration import CALIBRATION_FILE, Calibration, calibrate_model, rescale_diagonal
 from .distributions import deferred_checks
+from .inpaint import REAL_INPAINT_FAMILIES, RealInpaintScores
 from .pca import PCAModel, fit_pca
 
 # Cost: about k + 2 decoder passes per test image (k importance samples, the reconstruction, one prior draw); a
@@ -145,17 +146,17 @@ class _Scores:
                 if acc["hidden"] == 0:  # a patch as large as the image hides nothing: nothing to score
                     acc = dict.fromkeys(acc, math.nan)
                 if not suffix:  # μ does not depend on the diagonal: one unconditional RMSE per family
-                    out[f"inpaint_rmse_uncond_{family}"] = math.sqrt(acc["sq_uncond"] / acc["hidden"])
-                out[f"inpaint_rmse_cond_{family}{suffix}"] = math.sqrt(acc["sq_cond"] / acc["hidden"])
-                out[f"inpaint_nll_bpd_uncond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll_uncond"], acc["hidden"]))
-                out[f"inpaint_nll_bpd_cond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll"], acc["hidden"]))
+                    out[f"correction_rmse_uncond_{family}"] = math.sqrt(acc["sq_uncond"] / acc["hidden"])
+                out[f"correction_rmse_cond_{family}{suffix}"] = math.sqrt(acc["sq_cond"] / acc["hidden"])
+                out[f"correction_nll_bpd_uncond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll_uncond"], acc["hidden"]))
+                out[f"correction_nll_bpd_cond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll"], acc["hidden"]))
         # the keys of the first version of these metrics: the revealed patch (random / most uncertain)
         for family, tag in (("patch10", ""), ("patch10_maxvar", "_maxvar")):
-            if f"inpaint_rmse_uncond_{family}" in out:
-                out[f"inpaint_rmse_uncond{tag}"] = out[f"inpaint_rmse_uncond_{family}"]
-                out[f"inpaint_rmse_cond{tag}"] = out[f"inpaint_rmse_cond_{family}"]
-                out[f"inpaint_nll_bpd{tag}"] = out[f"inpaint_nll_bpd_cond_{family}"]
-                out[f"inpaint_nll_bpd_uncond{tag}"] = out[f"inpaint_nll_bpd_uncond_{family}"]
+            if f"correction_rmse_uncond_{family}" in out:
+                out[f"correction_rmse_uncond{tag}"] = out[f"correction_rmse_uncond_{family}"]
+                out[f"correction_rmse_cond{tag}"] = out[f"correction_rmse_cond_{family}"]
+                out[f"correction_nll_bpd{tag}"] = out[f"correction_nll_bpd_cond_{family}"]
+                out[f"correction_nll_bpd_uncond{tag}"] = out[f"correction_nll_bpd_uncond_{family}"]
         return out
 
 
@@ -164,9 +165,16 @@ def calibrated_keys() -> tuple[str, ...]:
     calibration): the test NLL and the conditional inpainting numbers with suffix ``_cal``."""
     keys = ["test_nll_bpd_calibrated"]
     for family in M.INPAINT_FAMILIES:
-        keys += [f"inpaint_rmse_cond_{family}_cal", f"inpaint_nll_bpd_uncond_{family}_cal",
-                 f"inpaint_nll_bpd_cond_{family}_cal"]
+        keys += [f"correction_rmse_cond_{family}_cal", f"correction_nll_bpd_uncond_{family}_cal",
+                 f"correction_nll_bpd_cond_{family}_cal"]
     return tuple(keys)
+
+
+def real_inpaint_keys() -> tuple[str, ...]:
+    """The keys of the real-inpainting metrics (`sosvae_lib.inpaint.RealInpaintScores`): for each family of
+    `REAL_INPAINT_FAMILIES`, the RMSE and NLL (bits/dim) on the hidden pixels and the training mean's RMSE."""
+    return tuple(key for f in REAL_INPAINT_FAMILIES for key in (
+        f"real_inpaint_rmse_{f}", f"real_inpaint_nll_bpd_{f}", f"real_inpaint_rmse_{f}_train_mean"))
 
 
 DEFAULT_PATCH = 10
@@ -206,14 +214,16 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
                    batch_size: int = 50, patch: int | None = None, seed: int = 0, dequantize: bool = True,
                    true_factor: torch.Tensor | None = None, diag_scale: float | None = None,
                    face_reference: dict[str, Any] | None = None, face_images: int = 100,
-                   progress: bool = False) -> dict[str, Any]:
+                   fill: torch.Tensor | None = None, progress: bool = False) -> dict[str, Any]:
     """Every metric of a VAE (`sosvae_lib.model.VAE` or anything with ``encode``/``decode``) on test images
     [N, C, H, W] in [0, 1]; see the module docstring and `evaluate` for the keys. ``true_factor`` [D, R*] adds
     ``span_angle_deg`` (synthetic data). ``diag_scale`` s (a calibration, `sosvae_lib.calibration`) adds the keys of
     `calibrated_keys` at the diagonal s·d (IWAE from the same importance samples); None sets them to None.
     ``face_reference`` (`sosvae_lib.faces.face_reference`) adds the face metrics of the first ``face_images``
     generated means and samples. ``patch``: side of the revealed square (None: `DEFAULT_PATCH`, capped at half the
-    image's shorter side).
+    image's shorter side). ``fill`` (the training mean, [C, H, W] or [D]) adds the real-inpainting keys of
+    `sosvae_lib.inpaint.RealInpaintScores` (z from the image with its hidden pixels replaced by ``fill``; the
+    conditional at the calibrated diagonal when ``diag_scale`` is given); None sets them to None.
 
     Everything runs on the model's device; the randomness (seeded by ``seed``) is drawn on the CPU, so a seed gives
     the same numbers on every device. Per-image results stay on the device and are read back once at the end."""
@@ -225,6 +235,7 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     rescale = None if diag_scale is None else (lambda dist: rescale_diagonal(dist, diag_scale))
     parts: dict[str, list[torch.Tensor]] = dict(log_likelihood=[], log_likelihood_calibrated=[], elbo=[], kl=[])
     factors = []
+    real = None if fill is None else RealInpaintScores()
     bar = tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].to(device)
@@ -234,8 +245,11 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
             bound = M.iwae_log_likelihood(model, x_score, k=k, generator=gen,
                                           variants=None if rescale is None else dict(calibrated=rescale))
             obs = model.decode(model.encode(x).loc)
-            scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), masks(start, obs),
+            batch_masks = masks(start, obs)
+            scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), batch_masks,
                        None if rescale is None else rescale(obs))
+            if real is not None:  # the model sees x_score on the observed pixels and the fill elsewhere, nothing else
+                real.add(model, x_score, batch_masks, fill.to(device), diag_scale=diag_scale)
         for key, values in parts.items():
             if key in bound:
                 values.append(bound[key])
@@ -255,6 +269,7 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     if "log_likelihood_calibrated" in means:
         out["test_nll_bpd_calibrated"] = float(M.bits_per_dim(-means["log_likelihood_calibrated"], d))
     out.update(scores.result(image_shape))
+    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else real.result())
 
     m = num_samples if num_samples is not None else min(n, 500)
     gen_means, gen_samples = [], []
@@ -321,18 +336,19 @@ def _draw(obs: Any, gen: torch.Generator) -> torch.Tensor:
 def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None = None, batch_size: int = 50,
                  patch: int | None = None, seed: int = 0, dequantize: bool = True,
                  true_factor: torch.Tensor | None = None, face_reference: dict[str, Any] | None = None,
-                 face_images: int = 100) -> dict[str, Any]:
+                 face_images: int = 100, fill: torch.Tensor | None = None) -> dict[str, Any]:
     """The metrics of `evaluate_model` that apply to a global PPCA (`sosvae_lib.pca.fit_pca`) on test images
     [N, C, H, W]: test_nll_bpd is exact (no latent, so no IWAE, ELBO or KL); residuals are x − m; samples are
     draws of N(m, WWᵀ + σ²I) and the generated "means" are the single global mean. σ² is the maximum-likelihood
     value (already calibrated): the calibrated keys repeat the trained ones, ``eps_calibrated`` = σ² and
-    ``diag_scale_calibrated`` = 1.
+    ``diag_scale_calibrated`` = 1. With no latent, real inpainting (``fill`` given) is the PPCA conditional itself.
 
     Runs in float64 on the fit's device (`sosvae_lib.pca.PCAModel.to`); randomness and read-backs as in
     `evaluate_model`."""
     device = fit.mean.device
     n, image_shape, d, gen, masks, scores = _setup(images, patch, seed, device)
     nll = []
+    real = None if fill is None else RealInpaintScores()
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].to(device).reshape(-1, d).double()
         b = x.shape[0]
@@ -340,9 +356,13 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
         dist = fit.distribution(b, dtype=torch.float64)
         with deferred_checks():
             nll.append(-dist.log_prob(x_score))
-            scores.add(dist, x, x_score, masks(start, dist))
+            batch_masks = masks(start, dist)
+            scores.add(dist, x, x_score, batch_masks)
+            if real is not None:
+                real.add(dist, x_score, batch_masks, fill.to(device, torch.float64).reshape(-1))
     out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(torch.cat(nll).mean(), d)))
     out.update(scores.result(image_shape))
+    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else real.result())
     out.update({key: out[key.removesuffix("_cal").replace("_calibrated", "")] for key in calibrated_keys()})
     out.update(eps_calibrated=fit.noise_var, diag_scale_calibrated=1.0)
     m = num_samples if num_samples is not None else min(n, 500)
@@ -373,12 +393,20 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     ``TrainConfig.root``; give it when the data moved), ``progress`` (tqdm), ``write`` (True; also writes
     ``run_dir/calibration.json``).
 
+    Two inpainting protocols are scored on the same masks (the named region observed, the rest hidden and scored):
+    *correction* (the paper's edit propagation: z = m(x) from the whole image, so the encoder has seen the hidden
+    pixels; p(x | z) then conditioned on the observed ones) and *real inpainting* (`sosvae_lib.inpaint`: the hidden
+    pixels never reach the model; z from the image with them replaced by the training mean, then the exact
+    conditional, at the calibrated diagonal when there is one).
+
     Keys: test_nll_bpd (IWAE, k samples), elbo_bpd, iwae_k, kl_nats, target_kl, residual_corr_samples,
-    residual_corr_data, span_capture; for each mask family f of `sosvae_lib.metrics.INPAINT_FAMILIES` (random50,
-    patch10, patch10_maxvar, top_half, left_half: the named region observed, the rest hidden and scored)
-    inpaint_rmse_uncond_f, inpaint_rmse_cond_f, inpaint_nll_bpd_uncond_f, inpaint_nll_bpd_cond_f and the last
-    three with suffix ``_cal`` (at the calibrated diagonal); the first version's keys inpaint_rmse_uncond,
-    inpaint_rmse_cond, inpaint_nll_bpd, inpaint_nll_bpd_uncond (= patch10) and the same with ``_maxvar``
+    residual_corr_data, span_capture; for each family f of `sosvae_lib.inpaint.REAL_INPAINT_FAMILIES` (top_half,
+    left_half, random50, patch10) real_inpaint_rmse_f, real_inpaint_nll_bpd_f and real_inpaint_rmse_f_train_mean
+    (the training mean on the same pixels: the floor); for each mask family f of
+    `sosvae_lib.metrics.INPAINT_FAMILIES` (random50, patch10, patch10_maxvar, top_half, left_half)
+    correction_rmse_uncond_f, correction_rmse_cond_f, correction_nll_bpd_uncond_f, correction_nll_bpd_cond_f and the last
+    three with suffix ``_cal`` (at the calibrated diagonal); the first version's keys correction_rmse_uncond,
+    correction_rmse_cond, correction_nll_bpd, correction_nll_bpd_uncond (= patch10) and the same with ``_maxvar``
     (= patch10_maxvar); eps_calibrated (lowrank: the fitted ε), diag_scale_calibrated (the multiplier s of the
     trained diagonal), val_recon_nll_bpd and val_recon_nll_bpd_calibrated (reconstruction NLL of the val images
     at s = 1 and at s), calibration_images, test_nll_bpd_calibrated (IWAE at s·d) — all None for the diagonal
@@ -444,14 +472,16 @@ def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[s
     result.update(_calibration_keys(calibration))
     if face_ref is not None:
         result.update({key: value for key, value in face_ref.items() if key not in ("features", "net")})
+    # the training images: their mean fills the hidden pixels of real inpainting; they also fit the PPCA baseline
+    train_options: dict[str, Any] = dict(max_items=min(o["pca_train_items"], config.max_items or o["pca_train_items"]))
+    train_set = load_dataset(config.dataset, "train", image_size=config.image_size, root=root, augment=False,
+                             **train_options)
+    train_images = stack_images(train_set, train_options["max_items"])
+    common["fill"] = train_images.mean(0)
     result.update(evaluate_model(model, images, k=o["k"], progress=o["progress"],
                                  diag_scale=None if calibration is None else calibration.scale, **common))
     if o["pca"]:
         rank = int(model.rank) if model.rank > 0 else int(config.rank)
-        train_options: dict[str, Any] = dict(max_items=min(o["pca_train_items"], config.max_items or o["pca_train_items"]))
-        train_set = load_dataset(config.dataset, "train", image_size=config.image_size, root=root,
-                                 augment=False, **train_options)
-        train_images = stack_images(train_set, train_options["max_items"])
         if train_images.shape[0] < 2:  # a covariance needs two images
             result["pca_skipped"] = (f"the PPCA baseline needs at least 2 training images; the run has "
                                      f"{train_images.shape[0]}")

@@ -23,25 +23,29 @@ from .checkpoint import atomic_write_text
 # the extra keys below follow them. `sosvae_lib.reproduce` re-evaluates a run whose eval_test.json lacks one of COLUMNS.
 INPAINT_FAMILIES = ("random50", "patch10", "patch10_maxvar", "top_half", "left_half")  # = metrics.INPAINT_FAMILIES
 INPAINT_COLUMNS = tuple(key for f in INPAINT_FAMILIES for key in (
-    f"inpaint_rmse_uncond_{f}", f"inpaint_rmse_cond_{f}", f"inpaint_rmse_cond_{f}_cal",
-    f"inpaint_nll_bpd_uncond_{f}", f"inpaint_nll_bpd_cond_{f}", f"inpaint_nll_bpd_uncond_{f}_cal",
-    f"inpaint_nll_bpd_cond_{f}_cal"))
+    f"correction_rmse_uncond_{f}", f"correction_rmse_cond_{f}", f"correction_rmse_cond_{f}_cal",
+    f"correction_nll_bpd_uncond_{f}", f"correction_nll_bpd_cond_{f}", f"correction_nll_bpd_uncond_{f}_cal",
+    f"correction_nll_bpd_cond_{f}_cal"))
+REAL_INPAINT_FAMILIES = ("top_half", "left_half", "random50", "patch10")  # = inpaint.REAL_INPAINT_FAMILIES
+REAL_INPAINT_COLUMNS = tuple(key for f in REAL_INPAINT_FAMILIES for key in (
+    f"real_inpaint_rmse_{f}", f"real_inpaint_nll_bpd_{f}", f"real_inpaint_rmse_{f}_train_mean"))
 COLUMNS = ("dataset", "head", "rank", "latent", "epochs", "test_nll_bpd", "elbo_bpd", "kl_nats", "target_kl",
-           "residual_corr_samples", "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond",
+           "residual_corr_samples", "residual_corr_data", "span_capture", "correction_rmse_uncond", "correction_rmse_cond",
            "spectrum_dist_mean", "spectrum_dist_samples", "train_seconds",
-           "eps_calibrated", "diag_scale_calibrated", "test_nll_bpd_calibrated") + INPAINT_COLUMNS
+           "eps_calibrated", "diag_scale_calibrated", "test_nll_bpd_calibrated") + REAL_INPAINT_COLUMNS + INPAINT_COLUMNS
 # Face metrics (CelebA with facenet-pytorch only; `sosvae_lib.faces`; fd_* are Fréchet distances in MTCNN O-net
 # features, not FID): reference rates of real and blurred test images, then the generated means and samples.
 FACE_REFERENCE_COLUMNS = ("face_rate_real", "face_rate_blur2", "fd_blur2")
 FACE_COLUMNS = FACE_REFERENCE_COLUMNS + ("face_rate_means", "face_rate_samples", "fd_means", "fd_samples")
-EXTRA_COLUMNS = ("inpaint_nll_bpd", "inpaint_rmse_uncond_maxvar", "inpaint_rmse_cond_maxvar", "span_angle_deg",
+EXTRA_COLUMNS = ("correction_nll_bpd", "correction_rmse_uncond_maxvar", "correction_rmse_cond_maxvar", "span_angle_deg",
                  "val_recon_nll_bpd", "val_recon_nll_bpd_calibrated") + FACE_COLUMNS + (
                      "epochs_planned", "complete", "iwae_k", "num_images", "run")
 # epochs is the number the evaluated checkpoint was trained for; complete is False when it is fewer than planned
 # The Markdown table: the numbers behind the paper's claims, lowrank against diagonal.
 MARKDOWN_COLUMNS = ("dataset", "head", "rank", "test_nll_bpd", "test_nll_bpd_calibrated", "residual_corr_samples",
-                    "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond",
-                    "spectrum_dist_samples", "train_seconds")
+                    "residual_corr_data", "span_capture", "real_inpaint_rmse_top_half",
+                    "real_inpaint_rmse_top_half_train_mean", "real_inpaint_rmse_random50", "correction_rmse_uncond",
+                    "correction_rmse_cond", "spectrum_dist_samples", "train_seconds")
 HEAD_ORDER = {"lowrank": 0, "lowrank-diag": 1, "diagonal": 2, "pca": 3}
 
 

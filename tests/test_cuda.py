@@ -127,7 +127,7 @@ def test_evaluation_on_the_device_matches_the_cpu(device):
     opts = dict(k=2, batch_size=4, patch=4, seed=0, diag_scale=10.0)
     cpu = evaluate_model(model, images, **opts)
     dev = evaluate_model(model.to(device), images.to(device), **opts)
-    for key in ("test_nll_bpd", "inpaint_rmse_uncond"):
+    for key in ("test_nll_bpd", "correction_rmse_uncond"):
         if key in cpu and cpu[key] is not None:
             assert math.isclose(dev[key], cpu[key], rel_tol=1e-3, abs_tol=1e-4), (key, dev[key], cpu[key])
 

@@ -127,7 +127,7 @@ def test_evaluate_model_on_cuda_matches_the_cpu(head):
         dev = evaluate_model(_on_cuda(model), images.to("cuda"), **opts)
     _same(cpu, dev)
     for f in M.INPAINT_FAMILIES:
-        assert f"inpaint_nll_bpd_cond_{f}" in dev
+        assert f"correction_nll_bpd_cond_{f}" in dev
     # read-backs do not grow with the number of batches (statistics accumulate on the device)
     with _fake_cuda_counting() as one_batch:
         evaluate_model(_on_cuda(model), images.to("cuda"), **dict(opts, batch_size=6))

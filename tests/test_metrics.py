@@ -381,16 +381,16 @@ def test_pca_randomised_matches_exact(monkeypatch):
 # ------------------------------------------------------------------------------------------------- evaluate() on runs
 
 EVAL_KEYS = ("test_nll_bpd", "elbo_bpd", "iwae_k", "kl_nats", "target_kl", "residual_corr_samples",
-             "residual_corr_data", "span_capture", "inpaint_rmse_uncond", "inpaint_rmse_cond", "inpaint_nll_bpd",
-             "inpaint_rmse_uncond_maxvar", "inpaint_rmse_cond_maxvar", "inpaint_nll_bpd_maxvar",
-             "inpaint_nll_bpd_uncond", "inpaint_nll_bpd_uncond_maxvar",
+             "residual_corr_data", "span_capture", "correction_rmse_uncond", "correction_rmse_cond", "correction_nll_bpd",
+             "correction_rmse_uncond_maxvar", "correction_rmse_cond_maxvar", "correction_nll_bpd_maxvar",
+             "correction_nll_bpd_uncond", "correction_nll_bpd_uncond_maxvar",
              "spectrum_dist_mean", "spectrum_dist_samples", "dataset", "head", "rank", "latent", "epochs",
              "train_seconds", "eps_calibrated", "diag_scale_calibrated", "test_nll_bpd_calibrated",
              "val_recon_nll_bpd", "val_recon_nll_bpd_calibrated") + tuple(
     key for f in M.INPAINT_FAMILIES for key in (
-        f"inpaint_rmse_uncond_{f}", f"inpaint_rmse_cond_{f}", f"inpaint_rmse_cond_{f}_cal",
-        f"inpaint_nll_bpd_uncond_{f}", f"inpaint_nll_bpd_cond_{f}", f"inpaint_nll_bpd_uncond_{f}_cal",
-        f"inpaint_nll_bpd_cond_{f}_cal"))
+        f"correction_rmse_uncond_{f}", f"correction_rmse_cond_{f}", f"correction_rmse_cond_{f}_cal",
+        f"correction_nll_bpd_uncond_{f}", f"correction_nll_bpd_cond_{f}", f"correction_nll_bpd_uncond_{f}_cal",
+        f"correction_nll_bpd_cond_{f}_cal"))
 
 
 @pytest.fixture(scope="module")
@@ -433,19 +433,27 @@ def test_evaluate_lowrank_run(smoke_runs):
     from sosvae_lib.calibration import read_calibration
     assert read_calibration(run).scale == out["diag_scale_calibrated"]
     # the first version's keys are the patch10 family's
-    assert out["inpaint_rmse_cond"] == out["inpaint_rmse_cond_patch10"]
-    assert out["inpaint_nll_bpd_uncond_maxvar"] == out["inpaint_nll_bpd_uncond_patch10_maxvar"]
+    assert out["correction_rmse_cond"] == out["correction_rmse_cond_patch10"]
+    assert out["correction_nll_bpd_uncond_maxvar"] == out["correction_nll_bpd_uncond_patch10_maxvar"]
     for f in M.INPAINT_FAMILIES:  # a wider diagonal makes the hidden pixels far more probable
-        assert out[f"inpaint_nll_bpd_cond_{f}_cal"] < out[f"inpaint_nll_bpd_cond_{f}"]
+        assert out[f"correction_nll_bpd_cond_{f}_cal"] < out[f"correction_nll_bpd_cond_{f}"]
     # the PPCA baseline's σ² is its maximum-likelihood value: the calibrated keys repeat the trained ones
     assert out["pca_test_nll_bpd_calibrated"] == out["pca_test_nll_bpd"] and out["pca_diag_scale_calibrated"] == 1.0
-    assert out["pca_inpaint_rmse_cond_top_half_cal"] == out["pca_inpaint_rmse_cond_top_half"]
+    assert out["pca_correction_rmse_cond_top_half_cal"] == out["pca_correction_rmse_cond_top_half"]
+    # real inpainting (issue 19): every family scored for the model and the baseline; PPCA has no latent, so its
+    # real inpainting is its correction (the same conditional on the same pixels)
+    from sosvae_lib.inpaint import REAL_INPAINT_FAMILIES
+    for f in REAL_INPAINT_FAMILIES:
+        for prefix in ("", "pca_"):
+            for key in (f"real_inpaint_rmse_{f}", f"real_inpaint_nll_bpd_{f}", f"real_inpaint_rmse_{f}_train_mean"):
+                assert math.isfinite(out[prefix + key]) and out[prefix + key] > 0, prefix + key
+        assert out[f"pca_real_inpaint_rmse_{f}"] == pytest.approx(out[f"pca_correction_rmse_cond_{f}"], rel=1e-9)
     assert not any(key.startswith("face_") for key in out)  # one-channel data: no face metrics
     saved = json.loads((run / "eval_test.json").read_text())
     assert saved == pytest.approx(out)
     # Everything random is seeded: a repeat gives the same numbers; another seed changes the stochastic ones.
     again = evaluate(run, k=4, progress=False, write=False, pca=False)
-    assert again["test_nll_bpd"] == out["test_nll_bpd"] and again["inpaint_rmse_cond"] == out["inpaint_rmse_cond"]
+    assert again["test_nll_bpd"] == out["test_nll_bpd"] and again["correction_rmse_cond"] == out["correction_rmse_cond"]
     other = evaluate(run, k=4, progress=False, write=False, pca=False, seed=1, num_images=10)
     assert other["num_images"] == 10 and other["test_nll_bpd"] != out["test_nll_bpd"]
 
@@ -456,13 +464,13 @@ def test_evaluate_diagonal_run(smoke_runs):
     out = evaluate(smoke_runs["diagonal"], k=2, progress=False, pca=False, write=False)
     assert out["rank"] == 0 and out["span_capture"] == 0.0
     # Pixel-wise independence: conditioning leaves hidden pixels alone and samples carry white noise.
-    assert out["inpaint_rmse_cond"] == out["inpaint_rmse_uncond"]
-    assert out["inpaint_rmse_cond_maxvar"] == out["inpaint_rmse_uncond_maxvar"]
-    assert out["inpaint_nll_bpd"] == pytest.approx(out["inpaint_nll_bpd_uncond"], abs=1e-6)
+    assert out["correction_rmse_cond"] == out["correction_rmse_uncond"]
+    assert out["correction_rmse_cond_maxvar"] == out["correction_rmse_uncond_maxvar"]
+    assert out["correction_nll_bpd"] == pytest.approx(out["correction_nll_bpd_uncond"], abs=1e-6)
     for f in M.INPAINT_FAMILIES:
-        assert out[f"inpaint_rmse_cond_{f}"] == out[f"inpaint_rmse_uncond_{f}"]
-        assert out[f"inpaint_nll_bpd_cond_{f}"] == pytest.approx(out[f"inpaint_nll_bpd_uncond_{f}"], abs=1e-6)
-        assert out[f"inpaint_rmse_cond_{f}_cal"] is None  # no calibration for the pixel-wise head
+        assert out[f"correction_rmse_cond_{f}"] == out[f"correction_rmse_uncond_{f}"]
+        assert out[f"correction_nll_bpd_cond_{f}"] == pytest.approx(out[f"correction_nll_bpd_uncond_{f}"], abs=1e-6)
+        assert out[f"correction_rmse_cond_{f}_cal"] is None  # no calibration for the pixel-wise head
     assert out["eps_calibrated"] is None and out["test_nll_bpd_calibrated"] is None
     assert abs(out["residual_corr_samples"]) < 0.05
     assert not any(key.startswith("pca_") for key in out)
@@ -524,13 +532,13 @@ def test_evaluate_pca_on_planted_model():
     assert out["spectrum_dist_samples"] < 0.1 < out["spectrum_dist_mean"]
     assert out["span_capture"] > 0.95  # the residual x − m is almost all in the planted span
     # Conditioning on a 4×4 patch pins the 3 factor coefficients: hidden RMSE drops to about the noise level.
-    assert out["inpaint_rmse_cond"] < 0.02 < 0.5 * out["inpaint_rmse_uncond"]
-    assert out["inpaint_nll_bpd"] < out["inpaint_nll_bpd_uncond"] - 0.1  # revealed pixels inform the rest
+    assert out["correction_rmse_cond"] < 0.02 < 0.5 * out["correction_rmse_uncond"]
+    assert out["correction_nll_bpd"] < out["correction_nll_bpd_uncond"] - 0.1  # revealed pixels inform the rest
     assert out["residual_corr_samples"] == pytest.approx(out["residual_corr_data"], abs=0.05)
     # every mask family: revealing pixels of the true low-rank Gaussian pins the factor coefficients
     for f in ("random50", "top_half", "left_half"):
-        assert out[f"inpaint_rmse_cond_{f}"] < 0.02 < 0.5 * out[f"inpaint_rmse_uncond_{f}"]
-        assert out[f"inpaint_nll_bpd_cond_{f}"] < out[f"inpaint_nll_bpd_uncond_{f}"] - 0.1
+        assert out[f"correction_rmse_cond_{f}"] < 0.02 < 0.5 * out[f"correction_rmse_uncond_{f}"]
+        assert out[f"correction_nll_bpd_cond_{f}"] < out[f"correction_nll_bpd_uncond_{f}"] - 0.1
     assert out["eps_calibrated"] == fit.noise_var and out["test_nll_bpd_calibrated"] == out["test_nll_bpd"]
 
 
@@ -554,7 +562,7 @@ def test_evaluate_default_patch_fits_small_images(tmp_path, size):
     out = evaluate(run, k=1, num_images=6, progress=False, write=False, pca=False)
     assert out["patch"] == min(size) // 2
     for f in M.INPAINT_FAMILIES:
-        assert math.isfinite(out[f"inpaint_rmse_cond_{f}"]) and math.isfinite(out[f"inpaint_nll_bpd_cond_{f}"]), f
+        assert math.isfinite(out[f"correction_rmse_cond_{f}"]) and math.isfinite(out[f"correction_nll_bpd_cond_{f}"]), f
     with pytest.raises(ValueError, match="^patch: must be at most the image side"):
         evaluate(run, patch=min(size) + 1, k=1, num_images=6, progress=False, write=False, pca=False)
 

@@ -72,10 +72,10 @@ def test_metrics_table_has_the_issue_columns_and_sane_numbers(smoke):
         assert math.isfinite(float(r["test_nll_bpd"]))
         assert -1 <= float(r["residual_corr_samples"]) <= 1 and -1 <= float(r["residual_corr_data"]) <= 1
         assert 0 <= float(r["span_capture"]) <= 1
-        assert 0 <= float(r["inpaint_rmse_cond"]) and 0 <= float(r["inpaint_rmse_uncond"])
+        assert 0 <= float(r["correction_rmse_cond"]) and 0 <= float(r["correction_rmse_uncond"])
         if r["head"] == "diagonal":  # nothing propagates: revealing a patch does not change the other pixels
             assert float(r["span_capture"]) == 0
-            assert float(r["inpaint_rmse_cond"]) == pytest.approx(float(r["inpaint_rmse_uncond"]), rel=1e-9)
+            assert float(r["correction_rmse_cond"]) == pytest.approx(float(r["correction_rmse_uncond"]), rel=1e-9)
 
 
 def test_01_train_records_the_final_epoch(smoke):
