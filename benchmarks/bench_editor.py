@@ -1,4 +1,4 @@
-"""Latency of the editor (sosvae_lib.editor) from a mouse release to the new image in the kernel.
+"""Latency of the editor (sosvae_lib.editing, its widget sosvae_lib.widget) from a mouse release to the new image in the kernel.
 
 At 64×64 RGB (D = 12,288) and R = 25, on 2 threads, medians over repeats of one stroke (a drag of 40 pointer
 positions across the 512-pixel canvas, brush width 2) applied and then undone (untimed), so every timed stroke
@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sosvae_lib.config import TrainConfig  # noqa: E402
 from sosvae_lib.distributions import LowRankNormal  # noqa: E402
-from sosvae_lib.editor import Editor, screen_to_pixel  # noqa: E402
+from sosvae_lib.editing import Editor, screen_to_pixel  # noqa: E402
 from sosvae_lib.model import build_model  # noqa: E402
+from sosvae_lib.widget import EditorUI  # noqa: E402
 
 SHAPE = (3, 64, 64)
 RANK = 25
@@ -63,7 +64,7 @@ def timed(fn, undo, repeats: int) -> float:
 
 
 def measure(editor: Editor, earlier: int, repeats: int) -> dict[str, float]:
-    ui = editor.widget(n_samples=4)
+    ui = EditorUI(editor, n_samples=4)
     editor.reset()
     for k in range(earlier):
         ui._on_canvas_msg(ui.canvas, {"type": "stroke", "points": drag(k + 1), "size": [CANVAS, CANVAS]})

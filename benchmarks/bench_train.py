@@ -33,13 +33,14 @@ import torch
 from torch.distributions import LowRankMultivariateNormal, Normal, kl_divergence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sosvae_lib.config import PRECISIONS as CONFIG_PRECISIONS  # noqa: E402
 from sosvae_lib.config import TrainConfig  # noqa: E402
 from sosvae_lib.distributed import DistContext, resolve_device  # noqa: E402
 from sosvae_lib.distributions import LowRankNormal  # noqa: E402
 from sosvae_lib.train import setup_run, train_step  # noqa: E402
 
 REFERENCE = "reference"
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = tuple(p for p in CONFIG_PRECISIONS if p != "auto")  # the concrete ones; auto picks one of them
 SHAPES = {"paper": (3, 218, 178), "cpu": (1, 64, 64)}  # the paper config: CelebA RGB; the cpu preset: ORL
 
 

@@ -18,28 +18,28 @@ golden-section search refines it (`fit_diag_scale`).
 
 Consumers choose the trained or the calibrated diagonal: `rescale_diagonal` (one distribution),
 `with_diag_scale` (a model whose ``decode`` returns the calibrated distribution; encode/IWAE/conditioning work
-unchanged), `calibrate_run` / `read_calibration` (a run directory's ``calibration.json``).
+unchanged). This module is the mathematics only: a run's calibration is fitted by `sosvae_lib.evaluate`
+(``calibrate_run``) and stored and read by `sosvae_lib.runs.Run` (``write_calibration`` / ``calibration``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .distributions import LowRankNormal
+from .heads import has_factor
 
 __all__ = ["DiagScaleStats", "diag_scale_statistics", "fit_diag_scale", "Calibration", "calibrate_diagonal",
-           "rescale_diagonal", "with_diag_scale", "DiagScaled", "calibrate_model", "calibrate_run",
-           "read_calibration", "CALIBRATION_FILE", "EPS_BOUNDS", "SCALE_BOUNDS"]
+           "rescale_diagonal", "with_diag_scale", "DiagScaled", "calibrate_model", "check_calibration_record",
+           "check_search", "EPS_BOUNDS", "SCALE_BOUNDS"]
 
-CALIBRATION_FILE = "calibration.json"
 EPS_BOUNDS = (1e-8, 1.0)
 """Default search interval of the calibrated ε itself when the trained diagonal is a scalar (log10 ε ∈ [−8, 0])."""
 SCALE_BOUNDS = (1e-4, 1e4)
@@ -187,8 +187,9 @@ def _statistics(loc: torch.Tensor, cov_factor: torch.Tensor, diag: torch.Tensor,
     return DiagScaleStats(torch.cat(sq_sing), torch.cat(sq_coef), torch.cat(perp), torch.cat(log_diag), d)
 
 
-def _check_search(bounds: Any, grid: Any, tol: Any) -> tuple[float, float]:
-    """(low, high) of checked search settings; a ValueError naming ``bounds``, ``grid`` or ``tol`` as given."""
+def check_search(bounds: Any, grid: Any, tol: Any) -> tuple[float, float]:
+    """(low, high) of checked search settings (`fit_diag_scale`); a ValueError naming ``bounds``, ``grid`` or ``tol``
+    as given."""
     try:
         lo, hi = (float(b) for b in bounds)
     except (TypeError, ValueError):
@@ -209,7 +210,7 @@ def fit_diag_scale(stats: DiagScaleStats, bounds: tuple[float, float] = SCALE_BO
     bracket to ``tol`` decades. Returns (s, at_bound), at_bound True when the minimum is at an end of ``bounds``
     (widen them). The search reads `DiagScaleStats.nll` back once per evaluated s: give statistics on the CPU
     (`DiagScaleStats.to`) when they were computed on a GPU."""
-    lo, hi = _check_search(bounds, grid, tol)
+    lo, hi = check_search(bounds, grid, tol)
     t_lo, t_hi = math.log10(lo), math.log10(hi)
     ts = torch.linspace(t_lo, t_hi, grid, dtype=torch.float64)
 
@@ -240,7 +241,8 @@ class Calibration:
     """A fitted diagonal scale. ``scale`` s multiplies the trained diagonal; ``eps`` = s·ε when that diagonal is
     a scalar ε (``lowrank``), else None; ``trained_eps`` ε (or None); ``nll_trained`` / ``nll_calibrated`` mean
     NLL in nats per image of the fitting images at s = 1 and at s; ``num_images``, ``num_dims`` (D);
-    ``at_bound`` the minimum lies at an end of the searched interval."""
+    ``at_bound`` the minimum lies at an end of the searched interval; ``bits`` the quantisation the bits per
+    dimension are stated on (`sosvae_lib.metrics.bits_per_dim`: 8, or 16 for 16-bit data)."""
 
     scale: float
     eps: float | None
@@ -250,16 +252,17 @@ class Calibration:
     num_images: int
     num_dims: int
     at_bound: bool
+    bits: int = 8
 
     @property
     def bpd_trained(self) -> float:
         from .metrics import bits_per_dim
-        return float(bits_per_dim(self.nll_trained, self.num_dims))
+        return float(bits_per_dim(self.nll_trained, self.num_dims, bits=self.bits))
 
     @property
     def bpd_calibrated(self) -> float:
         from .metrics import bits_per_dim
-        return float(bits_per_dim(self.nll_calibrated, self.num_dims))
+        return float(bits_per_dim(self.nll_calibrated, self.num_dims, bits=self.bits))
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "bpd_trained": self.bpd_trained, "bpd_calibrated": self.bpd_calibrated}
@@ -271,7 +274,7 @@ def _calibration_from_stats(stats: DiagScaleStats, trained_eps: float | None, bo
     statistics are moved to the CPU first (the search reads them back at every step)."""
     if bounds is None:
         bounds = EPS_BOUNDS if trained_eps is not None else SCALE_BOUNDS
-    lo, hi = _check_search(bounds, grid, tol)  # as given, before it becomes an interval of s
+    lo, hi = check_search(bounds, grid, tol)  # as given, before it becomes an interval of s
     stats = stats.to("cpu")
     scale_bounds = (lo, hi) if trained_eps is None else (lo / trained_eps, hi / trained_eps)
     scale, at_bound = fit_diag_scale(stats, scale_bounds, grid=grid, tol=tol)
@@ -294,7 +297,7 @@ def calibrate_diagonal(loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: to
     multiplier s otherwise (default `SCALE_BOUNDS`, 1e-4 … 1e4). ``grid`` and ``tol``: see `fit_diag_scale`.
     """
     if bounds is not None:
-        _check_search(bounds, grid, tol)
+        check_search(bounds, grid, tol)
     diag = torch.as_tensor(cov_diag, dtype=torch.float64)
     trained_eps = float(diag.reshape(-1)[0]) if _is_scalar_diag(diag) else None
     stats = diag_scale_statistics(loc, cov_factor, cov_diag, x)
@@ -334,7 +337,7 @@ class DiagScaled(nn.Module):
 
     def __init__(self, model: nn.Module, scale: float | Calibration):
         super().__init__()
-        if getattr(model, "rank", 1) == 0:
+        if not has_factor(model):
             raise ValueError("model: the pixel-wise diagonal head has no low-rank factor; calibration applies to "
                              "the lowrank and lowrank-diag heads")
         self.model = model
@@ -367,21 +370,26 @@ def with_diag_scale(model: nn.Module, calibration: float | Calibration | None) -
 
 @torch.no_grad()
 def calibrate_model(model: nn.Module, images: torch.Tensor, *, batch_size: int = 50, dequantize: bool = True,
-                    generator: torch.Generator | None = None, bounds: tuple[float, float] | None = None,
-                    grid: int = 33, tol: float = 1e-4) -> Calibration:
+                    bits: int | None = 8, generator: torch.Generator | None = None,
+                    bounds: tuple[float, float] | None = None, grid: int = 33, tol: float = 1e-4) -> Calibration:
     """Fit the diagonal scale of a low-rank VAE on images [N, C, H, W] in [0, 1] (the validation split): the
-    reconstructions p(x | z = m(x)), m(x) the posterior mean, score the (dequantised, if ``dequantize``, with
-    ``generator``) images; see `calibrate_diagonal` for ``bounds``, ``grid``, ``tol``. One decoder pass per image,
-    on the model's device; the statistics stay there until the search (two read-backs in all, not one per batch).
+    reconstructions p(x | z = m(x)), m(x) the posterior mean, score the images, dequantised at ``bits`` (8 or 16;
+    None: continuous data, never dequantised) with ``generator`` if ``dequantize``; bits per dimension are stated
+    at ``bits`` (8 for continuous data, `sosvae_lib.runs.data_bits`). See `calibrate_diagonal` for ``bounds``,
+    ``grid``, ``tol``. One decoder pass per image, on the model's device; the statistics stay there until the
+    search (two read-backs in all, not one per batch).
     """
     from .config import check_int
     from .metrics import dequantize as dequantize_fn
 
-    if getattr(model, "rank", None) == 0:
+    if not has_factor(model):
         raise ValueError("model: the pixel-wise diagonal head has no low-rank factor; calibration applies to the "
                          "lowrank and lowrank-diag heads")
     check_int("batch_size", batch_size, 1)
-    _check_search(bounds if bounds is not None else SCALE_BOUNDS, grid, tol)
+    if bits not in (8, 16, None):
+        raise ValueError(f"bits: must be 8, 16 or None (continuous data), got {bits!r}")
+    dequantize = dequantize and bits is not None
+    check_search(bounds if bounds is not None else SCALE_BOUNDS, grid, tol)
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images: must be a tensor [N, C, H, W], got {type(images).__name__}")
     shape = tuple(getattr(model, "image_shape", images.shape[1:]))
@@ -399,7 +407,7 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, *, batch_size: int =
     try:
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device)
-            x_score = dequantize_fn(x, generator) if dequantize else x
+            x_score = dequantize_fn(x, generator, bits=bits) if dequantize else x
             obs = model.decode(model.encode(x).loc)
             loc, factor, diag, flat, scalar = _statistics_args(obs.loc.detach(), obs.cov_factor.detach(),
                                                                obs.cov_diag.detach(), x_score.reshape(x.shape[0], -1),
@@ -416,64 +424,22 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, *, batch_size: int =
         raise ValueError("model: gives non-finite reconstructions or variances on these images; its weights or "
                          "outputs hold NaN or Inf")
     trained_eps = float(first_diag) if first_diag.dim() == 0 else None  # the head's fixed ε (the same in every batch)
-    return _calibration_from_stats(stats, trained_eps, bounds, grid, tol)
+    return dataclasses.replace(_calibration_from_stats(stats, trained_eps, bounds, grid, tol), bits=bits or 8)
 
 
-def calibrate_run(run_dir: str | Path, split: str = "val", num_images: int | None = 200, seed: int = 0,
-                  batch_size: int = 50, device: str = "cpu", write: bool = True,
-                  bounds: tuple[float, float] | None = None, root: str | Path | None = None) -> Calibration:
-    """Load a training run, fit its diagonal scale on ``num_images`` images of ``split`` (None: all; dequantised as
-    trained, 8-bit data only, noise seeded by ``seed``) and write ``run_dir/calibration.json`` (if ``write``).
-    ``root``: the data folder (None: the run's ``TrainConfig.root``; give it when the data moved)."""
-    from .checkpoint import atomic_write_json, load_run
-    from .config import check_int
-    from .data import load_dataset
-    from .distributed import resolve_device
-    from .evaluate import SPLITS, stack_images
-
-    if split not in SPLITS:
-        raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
-    check_int("num_images", num_images, 1, allow_none=True)
-    check_int("seed", seed, 0)
-    check_int("batch_size", batch_size, 1)
-    if bounds is not None:
-        _check_search(bounds, 33, 1e-4)
-    if root is not None and not isinstance(root, (str, Path)):
-        raise TypeError(f"root: must be a folder (str or Path) or None, got {type(root).__name__}")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run_dir: {run_dir} is not a directory; give the --out folder of a training run")
-    model, config = load_run(run_dir, device=str(resolve_device(device)))
-    extra = {} if num_images is None else dict(max_items=num_images)
-    dataset = load_dataset(config.dataset, split, image_size=config.image_size,
-                           root=config.root if root is None else str(root), **extra)
-    images = stack_images(dataset, num_images)
-    eight_bit = getattr(getattr(dataset, "images", None), "dtype", torch.uint8) == torch.uint8
-    cal = calibrate_model(model, images, batch_size=batch_size, dequantize=bool(config.dequantize and eight_bit),
-                          generator=torch.Generator().manual_seed(seed), bounds=bounds)
-    if write:
-        atomic_write_json(run_dir / CALIBRATION_FILE, dict(cal.to_dict(), split=split, seed=seed))
-    return cal
-
-
-def read_calibration(run_dir: str | Path) -> Calibration | None:
-    """The Calibration stored in ``run_dir/calibration.json`` (by `calibrate_run` or `sosvae_lib.evaluate`), or
-    None when the run has none. A file that is not such a record (corrupt JSON, missing fields, a scale that is not
-    a number > 0) is a ValueError naming it."""
-    path = Path(run_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    advice = "delete it, or write it again with calibrate_run / evaluate"
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"calibration: {path} is not valid JSON ({err}); {advice}") from None
+def check_calibration_record(record: Any, name: str = "calibration", advice: str = "write it again") -> Calibration:
+    """The `Calibration` a stored record holds (a dict of `Calibration.to_dict`, possibly with more keys such as
+    the split and seed it was fitted with; ``bits`` may be absent, 8). A record with a field missing or a scale
+    that is not a number > 0 is a ValueError naming ``name`` (the file) and giving ``advice``."""
     fields = Calibration.__dataclass_fields__
-    missing = [k for k in fields if not isinstance(d, dict) or k not in d]
+    required = [k for k, f in fields.items() if f.default is dataclasses.MISSING]
+    missing = [k for k in required if not isinstance(record, dict) or k not in record]
     if missing:
-        raise ValueError(f"calibration: {path} is incomplete (missing {', '.join(missing)}); {advice}")
+        raise ValueError(f"calibration: {name} is incomplete (missing {', '.join(missing)}); {advice}")
     try:
-        _check_scale(d["scale"])
+        _check_scale(record["scale"])
     except ValueError:
-        raise ValueError(f"calibration: {path} holds scale {d['scale']!r}, not a number > 0; {advice}") from None
-    return Calibration(**{k: d[k] for k in fields})
+        raise ValueError(f"calibration: {name} holds scale {record['scale']!r}, not a number > 0; {advice}") from None
+    if record.get("bits", 8) not in (8, 16):
+        raise ValueError(f"calibration: {name} holds bits {record['bits']!r}, not 8 or 16; {advice}")
+    return Calibration(**{k: record[k] for k in fields if k in record})

@@ -1,6 +1,6 @@
 """What the figures of SOS-VAE show, computed as tensors (Langley et al., "Structured Uncertainty in the
-Observation Space of Variational Autoencoders", TMLR 2022: the six-row sample figure, the interactive editor,
-the authors' component sweeps and latent interpolations).
+Observation Space of Variational Autoencoders", TMLR 2022: the six-row sample figure, the authors' component sweeps
+and latent interpolations). Editing (strokes propagated by conditioning, completions) is `sosvae_lib.editing`.
 
 Everything here works on any observation distribution of `sosvae_lib.distributions` (``LowRankNormal``, or
 ``DiagonalNormal`` whose factor has rank 0) through ``.loc``, ``.cov_factor``, ``.variance``, ``.from_noise``,
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import check_int
-from .metrics import lag1_correlation, most_uncertain_patch, patch_masks
+from .metrics import lag1_correlation
 
 Shape = tuple[int, int, int]
 
@@ -159,135 +159,8 @@ def prior_panels(models: dict[str, Any], n: int = 10, seed: int = 0, pixel: int 
 
 
 # -------------------------------------------------------------------------------------------------------------
-# The editor: strokes propagated by conditioning, completions from a revealed patch
+# Decoded distributions of one image and of the prior mode
 # -------------------------------------------------------------------------------------------------------------
-
-def stroke_mask(image_shape: Shape, points: Sequence[tuple[float, float]], width: int = 1) -> torch.Tensor:
-    """Boolean mask [D] (all channels) of a polyline stroke through ``points`` given as (row, col) fractions of
-    the image height and width in [0, 1]; ``width`` pixels thick. Segments are rasterised by sampling
-    2·max(H, W) points per segment and rounding."""
-    c, h, w = image_shape
-    if len(points) < 1:
-        raise ValueError("points: need at least one (row, col) point")
-    if any(not (0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0) for p in points):
-        raise ValueError(f"points: (row, col) fractions must lie in [0, 1], got {list(points)}")
-    check_int("width", width, 1)
-    grid = torch.zeros(h, w, dtype=torch.bool)
-    pts = [(p[0] * (h - 1), p[1] * (w - 1)) for p in points]
-    segments = list(zip(pts[:-1], pts[1:])) or [(pts[0], pts[0])]
-    t = torch.linspace(0, 1, 2 * max(h, w))
-    half = (width - 1) // 2
-    for (r0, c0), (r1, c1) in segments:
-        rows = torch.round(r0 + t * (r1 - r0)).long()
-        cols = torch.round(c0 + t * (c1 - c0)).long()
-        for dr in range(-half, width - half):
-            for dc in range(-half, width - half):
-                grid[(rows + dr).clamp(0, h - 1), (cols + dc).clamp(0, w - 1)] = True
-    return grid.unsqueeze(0).expand(c, h, w).reshape(-1)
-
-
-# Two default strokes: a short one across the top of the head (hair on a face) and one on the lower left
-# (background / cheek), far enough apart that their propagated edits are told apart.
-DEFAULT_STROKES: tuple[tuple[tuple[float, float], ...], ...] = (
-    ((0.16, 0.38), (0.12, 0.50), (0.16, 0.62)),
-    ((0.78, 0.10), (0.88, 0.20)),
-)
-
-
-@dataclass
-class EditResult:
-    """The editor sequence for one decoded distribution: ``before`` μ [D]; ``after`` [S, D] the image after
-    strokes 1..s (each conditional mean with the stroke pixels set); ``masks`` [S, D] the cumulative stroke masks;
-    ``change`` [S, D] = after − before."""
-
-    image_shape: Shape
-    before: torch.Tensor
-    after: torch.Tensor
-    masks: torch.Tensor
-    value: float
-
-    @property
-    def change(self) -> torch.Tensor:
-        return self.after - self.before
-
-    def summary(self) -> dict[str, float]:
-        """stroke_pixels: pixels set by all strokes; propagated_rms: RMS change of the pixels no stroke touched
-        (0 for a pixel-wise independent model: nothing propagates); propagated_max: their largest |change|;
-        propagated_fraction: share of untouched pixels that moved by more than 1/255."""
-        last = self.masks[-1]
-        free = self.change[-1][~last].double()
-        return dict(stroke_pixels=float(last.sum()),
-                    propagated_rms=float(free.pow(2).mean().sqrt()) if free.numel() else 0.0,
-                    propagated_max=float(free.abs().max()) if free.numel() else 0.0,
-                    propagated_fraction=float((free.abs() > 1 / 255).double().mean()) if free.numel() else 0.0)
-
-
-@torch.no_grad()
-def edit_strokes(dist: Any, image_shape: Shape, strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES,
-                 value: float = 0.0, width: int = 1) -> EditResult:
-    """Apply dark strokes one after another to the mean of ``dist`` (batch shape [] or [1]) and propagate each by
-    Gaussian conditioning: after stroke s the image is E[x | x_S = value on every stroke pixel so far]
-    (``dist.condition``), the stroke pixels themselves set to ``value``."""
-    if len(strokes) < 1:
-        raise ValueError("strokes: need at least one stroke")
-    loc = dist.loc.detach().reshape(-1)
-    masks, afters = [], []
-    mask = torch.zeros_like(loc, dtype=torch.bool)
-    for points in strokes:
-        mask = mask | stroke_mask(image_shape, points, width).to(loc.device)
-        values = torch.where(mask, torch.full_like(loc, float(value)), loc)
-        cond = dist.condition(mask.reshape(dist.loc.shape), values.reshape(dist.loc.shape))
-        afters.append(torch.where(mask, values, cond.loc.detach().reshape(-1)))
-        masks.append(mask.clone())
-    return EditResult(image_shape=tuple(image_shape), before=loc.cpu(), after=torch.stack(afters).cpu(),
-                      masks=torch.stack(masks).cpu(), value=float(value))
-
-
-@dataclass
-class Completions:
-    """Conditional samples given a revealed patch: ``truth`` x [D]; ``mask`` [D] (the revealed patch);
-    ``uncond_mean`` μ [D]; ``cond_mean`` E[x | x_patch] [D]; ``samples`` [n, D] draws from p(x | x_patch)."""
-
-    image_shape: Shape
-    truth: torch.Tensor
-    mask: torch.Tensor
-    uncond_mean: torch.Tensor
-    cond_mean: torch.Tensor
-    samples: torch.Tensor
-
-    def summary(self) -> dict[str, float]:
-        """rmse_uncond / rmse_cond: RMSE of μ / of the conditional mean against the truth on the hidden pixels;
-        sample_spread: mean over hidden pixels of the standard deviation across the completions (0 when the
-        completions are all alike); patch_error: max |sample − truth| on the revealed patch (≈ 0)."""
-        hidden = ~self.mask
-        t = self.truth[hidden].double()
-        spread = self.samples[:, hidden].double().std(0).mean() if self.samples.shape[0] > 1 else torch.tensor(0.0)
-        return dict(rmse_uncond=float((self.uncond_mean[hidden].double() - t).pow(2).mean().sqrt()),
-                    rmse_cond=float((self.cond_mean[hidden].double() - t).pow(2).mean().sqrt()),
-                    sample_spread=float(spread),
-                    patch_error=float((self.samples[:, self.mask].double()
-                                       - self.truth[self.mask].double()).abs().max()))
-
-
-@torch.no_grad()
-def patch_completions(dist: Any, x: torch.Tensor, image_shape: Shape, top: int, left: int, size: int = 10,
-                      n: int = 6, seed: int = 0) -> Completions:
-    """Reveal the size×size patch at (top, left) of the true image x [D] to ``dist`` (batch [] or [1]) and draw
-    n completions from the conditional p(x_hidden | x_patch) with seeded noise."""
-    c, h, w = image_shape
-    check_int("n", n, 1)
-    if not (0 <= top <= h - size and 0 <= left <= w - size):
-        raise ValueError(f"top, left: a {size}×{size} patch at ({top}, {left}) does not fit a {h}×{w} image")
-    x = x.reshape(-1).to(dist.loc)
-    mask = patch_masks(image_shape, torch.tensor([top]), torch.tensor([left]), size)[0].to(x.device)
-    cond = dist.condition(mask.reshape(dist.loc.shape), x.reshape(dist.loc.shape))
-    eps_r, eps_d = draw_noise(cond, n, seed)
-    samples = torch.where(mask, x, cond.from_noise(eps_r, eps_d).reshape(n, -1))
-    return Completions(image_shape=tuple(image_shape), truth=x.cpu(), mask=mask.cpu(),
-                       uncond_mean=dist.loc.detach().reshape(-1).cpu(),
-                       cond_mean=torch.where(mask, x, cond.loc.detach().reshape(-1)).cpu(),
-                       samples=samples.detach().cpu())
-
 
 @torch.no_grad()
 def reconstruction(model: Any, x: torch.Tensor) -> Any:
@@ -301,42 +174,6 @@ def reconstruction(model: Any, x: torch.Tensor) -> Any:
 def prior_mode(model: Any) -> Any:
     """p(x | z = 0): the observation distribution at the mode of the prior; batch shape [1]."""
     return model.decode(torch.zeros(1, model.latent_dim, device=_model_device(model)))
-
-
-@torch.no_grad()
-def editor(model: Any, x: torch.Tensor, patch: int = 10, n: int = 5, seed: int = 0,
-           strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES, value: float = 0.0,
-           width: int = 1, corner: tuple[int, int] | None = None) -> tuple[EditResult, Completions]:
-    """Everything the editor figure shows for one image x [C, H, W]: strokes applied to the mean of its
-    reconstruction p(x | m(x)) (`edit_strokes`), and n completions of x given the patch×patch square at ``corner``
-    (top, left) revealed (None: its most uncertain square, `sosvae_lib.metrics.most_uncertain_patch`; patch is
-    capped at half the image side)."""
-    shape = tuple(model.image_shape)
-    dist = reconstruction(model, x)
-    size = max(1, min(patch, shape[1] // 2, shape[2] // 2))
-    if corner is None:
-        tops, lefts = most_uncertain_patch(dist.variance.reshape(1, -1), shape, size)
-        corner = (int(tops[0]), int(lefts[0]))
-    edit = edit_strokes(dist, shape, strokes, value, width)
-    comp = patch_completions(dist, x, shape, int(corner[0]), int(corner[1]), size, n, seed)
-    return edit, comp
-
-
-@torch.no_grad()
-def editors(models: dict[str, Any], x: torch.Tensor, patch: int = 10, n: int = 5, seed: int = 0,
-            strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES, value: float = 0.0,
-            width: int = 1) -> dict[str, tuple[EditResult, Completions]]:
-    """`editor` for several models on the same image, strokes and revealed square (the most uncertain square of
-    the first model), so the models can be compared panel by panel."""
-    out: dict[str, tuple[EditResult, Completions]] = {}
-    corner = None
-    for name, model in models.items():
-        out[name] = editor(model, x, patch, n, seed, strokes, value, width, corner)
-        if corner is None:
-            mask = out[name][1].mask.reshape(model.image_shape)[0]
-            rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
-            corner = (int(rows[0]), int(cols[0]))
-    return out
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -12,80 +12,59 @@ the project:
 - ``paper``: CelebA at 218×178 RGB, the authors' network (``arch="authors"``, widths 64…512, 31.0 M
   parameters), latent 128, rank 25, batch 25, Adam 1e-4, target KL 45 (the authors' code defaults, METHOD.md
   §4–5).
+
+`RESUMABLE_FIELDS` are the fields a resumed run may change. `EvalConfig`, beside it, holds how a run is evaluated
+(`sosvae_lib.evaluate`), validated the same way, with a preset per reproduction scale (smoke, cpu, gpu, paper).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
-HEADS = ("lowrank", "lowrank-diag", "diagonal")
-PRESETS = ("smoke", "cpu", "paper")
-DEVICES = ("auto", "cpu", "cuda")
-ARCHS = ("resnet", "authors")
-PRECISIONS = ("auto", "fp32", "bf16")
+# The argument checks live in the bottom layer `sosvae_lib._checks`; re-exported here for older imports.
+from ._checks import (DEVICES, PRECISIONS, check_device, check_image_size, check_int,  # noqa: F401
+                      check_mapping, check_precision, image_hw)
+from ._checks import check_float as _check_float
+from ._checks import fail as _fail
+from .data import dataset_spec
+from .heads import head_names, head_spec
 
-# Channel counts of the datasets whose shape is known without loading them (used to reject rank >= D early;
-# the model re-checks against the real image shape for every dataset).
-_KNOWN_CHANNELS = {"orl": 1, "fashion-mnist": 1, "celeba": 3}
+PRESETS = ("smoke", "cpu", "paper")
+ARCHS = ("resnet", "authors")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HEADS":  # the registered heads (`sosvae_lib.heads.register_head`), read when asked
+        return head_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# The fields a resumed run may change (`sosvae_lib.train` takes them from the new configuration; every other field
+# must match the checkpoint, and ``epochs`` may not fall below the epochs already trained). The one list: the
+# trainer checks a resumption against it and `sosvae_lib.runs.Run.state` calls a run "stale" by it, so a run that
+# ``train --resume`` accepts is never thrown away as stale.
+RESUMABLE_FIELDS = ("epochs", "device", "num_workers", "root", "data_on_device", "compile", "deterministic")
 
 # What a command reports as a usage error (one line, exit code 2): bad values, paths that do not exist or cannot
 # be written, a run directory that is taken, a damaged checkpoint. Anything else is a failure of the run itself.
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
-def _fail(field: str, message: str) -> None:
-    raise ValueError(f"{field}: {message}")
-
-
-def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Any:
-    """Return ``value`` if it is an int (not a bool) >= ``minimum`` (or None when ``allow_none``); otherwise raise
-    ``ValueError("<name>: must be an integer >= <minimum>[ or None], got <value>")``. The one integer check of
-    every option and field in the package."""
-    if value is None and allow_none:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(name, f"must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False,
-                 allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and positive and value <= 0:
-        ok = False
-    if ok and nonnegative and value < 0:
-        ok = False
-    if not ok:
-        what = "a finite number" + (" > 0" if positive else " >= 0" if nonnegative else "")
-        _fail(name, f"must be {what}{' or None' if allow_none else ''}, got {value!r}")
-
-
-def image_hw(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
-    """(H, W) from an ``image_size`` given as an int (square), a pair, or None (dataset default)."""
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    return (int(image_size[0]), int(image_size[1]))
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run. Build with `TrainConfig(...)` or `TrainConfig.preset(name, ...)`.
 
-    Data: ``dataset`` (a name of `sosvae_lib.data.DATASETS`), ``root`` (data folder or None), ``image_size``
+    Data: ``dataset`` (a registered dataset, `sosvae_lib.data.dataset_names`), ``root`` (data folder or None), ``image_size``
     (int, (H, W) or None for the dataset's default), ``max_items`` (deterministic train subset size or None),
     ``augment`` (None = dataset default), ``dequantize`` (add U(0, 1/256) noise to training images, the usual
     convention for a continuous density on 8-bit data).
 
     Model: ``arch`` the encoder and decoder trunk (``resnet``: this project's light pre-activation ResNet;
-    ``authors``: the authors' network block for block, see `sosvae_lib.encoder`); ``head`` in ``HEADS``; ``rank``
-    R of the covariance factor (ignored by ``diagonal``); ``latent`` size; ``width`` (channels of the
+    ``authors``: the authors' network block for block, see `sosvae_lib.encoder`); ``head`` a registered head (``HEADS``, `sosvae_lib.heads.head_names`); ``rank``
+    R of the covariance factor (ignored by a head without a factor, e.g. ``diagonal``); ``latent`` size; ``width`` (channels of the
     full-resolution stage; each of ``levels`` stride-2 stages doubles it, capped at ``max_width``); ``eps`` the fixed diagonal of ``lowrank`` and the variance floor of the learned-diagonal
     heads; ``init_var`` the initial variance of the learned-diagonal heads.
 
@@ -140,19 +119,11 @@ class TrainConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dataset, str) or not self.dataset:
-            _fail("dataset", f"must be a dataset name such as 'orl', 'fashion-mnist', 'celeba', got {self.dataset!r}")
+        dataset = dataset_spec(self.dataset)  # a registered name (`sosvae_lib.data.register_dataset`)
         if self.root is not None and not isinstance(self.root, str):
             _fail("root", f"must be a path string or None, got {self.root!r}")
-        size = self.image_size
-        if isinstance(size, list):  # JSON round trip gives lists
-            object.__setattr__(self, "image_size", tuple(size))
-            size = self.image_size
-        if size is not None:
-            pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
-            if (not isinstance(pair, tuple) or len(pair) != 2
-                    or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in pair)):
-                _fail("image_size", f"must be a positive int, a pair (H, W) of positive ints, or None, got {size!r}")
+        # an int, an (H, W) tuple (a JSON round trip gives a list) or None; "64" / "218x178" as typed
+        object.__setattr__(self, "image_size", check_image_size(self.image_size))
         check_int("max_items", self.max_items, 1, allow_none=True)
         if self.augment is not None and not isinstance(self.augment, bool):
             _fail("augment", f"must be True, False or None, got {self.augment!r}")
@@ -161,8 +132,7 @@ class TrainConfig:
 
         if self.arch not in ARCHS:
             _fail("arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.head not in HEADS:
-            _fail("head", f"must be one of {', '.join(HEADS)}, got {self.head!r}")
+        head = head_spec(self.head)  # a registered head (`sosvae_lib.heads.register_head`)
         check_int("rank", self.rank, 1)
         check_int("latent", self.latent, 1)
         check_int("width", self.width, 1)
@@ -187,11 +157,9 @@ class TrainConfig:
             _fail("pretrain_epochs", f"must be <= epochs={self.epochs}, got {self.pretrain_epochs}")
 
         check_int("seed", self.seed, 0)
-        if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
-            _fail("device", f"must be one of {', '.join(DEVICES)} or 'cuda:N', got {self.device!r}")
+        check_device("device", self.device)
         check_int("num_workers", self.num_workers, 0)
-        if self.precision not in PRECISIONS:
-            _fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision("precision", self.precision)
         for name in ("data_on_device", "compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be True or False, got {getattr(self, name)!r}")
@@ -202,9 +170,10 @@ class TrainConfig:
             if min(hw) < need:
                 _fail("image_size", f"{hw[0]}x{hw[1]} is too small for a trunk with levels={self.levels} "
                                     f"(needs at least {need} pixels per side); use a larger image_size or fewer levels")
-            channels = _KNOWN_CHANNELS.get(self.dataset)
-            if channels is not None and self.head != "diagonal":
-                check_rank(self.rank, channels * hw[0] * hw[1])
+            # datasets whose channels are known without loading them: reject rank >= D now (the model re-checks
+            # against the real image shape for every dataset)
+            if dataset.channels is not None and head.has_factor:
+                check_rank(self.rank, dataset.channels * hw[0] * hw[1])
 
     # -- presets and (de)serialisation --------------------------------------------------------------------------
     @classmethod
@@ -254,15 +223,6 @@ def preset_fields(name: str) -> dict[str, Any]:
     return dict(_PRESETS[name])
 
 
-def check_mapping(name: str, value: Any, example: str) -> dict[str, Any]:
-    """``value`` as a dict if it is a mapping with string keys; otherwise one ValueError naming the parameter.
-    For notebook parameters: ``papermill -p NAME "a=1"`` passes a string, ``-y "NAME: {a: 1}"`` a mapping."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        _fail(name, f"must be a dict of names to values, e.g. {example} (with papermill: -y \"{name}: "
-                    f"{example.replace(chr(34), '')}\"), got the {type(value).__name__} {value!r}")
-    return dict(value)
-
-
 def check_rank(rank: int, dim: int) -> None:
     """Raise unless 1 <= rank < dim (a rank-D factor would make the diagonal pointless and K as large as Σ)."""
     if not 1 <= rank < dim:
@@ -280,4 +240,103 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # the authors' network block for block (arch "authors": 64 channels at full resolution, 3 stride-2 stages)
     "paper": dict(dataset="celeba", image_size=(218, 178), augment=True, arch="authors", width=64, levels=3,
                   latent=128, rank=25, epochs=100, batch_size=25, lr=1e-4, target_kl=45.0),
+}
+
+
+EVAL_PRESETS = ("smoke", "cpu", "gpu", "paper")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a trained run is evaluated (`sosvae_lib.evaluate.evaluate`). Build with `EvalConfig(...)` or
+    `EvalConfig.preset(scale, ...)`; validated when built, each bad value one error starting with the field's name.
+
+    Cost: about ``k`` + 2 decoder passes per test image (k importance samples, the reconstruction, one prior draw);
+    a cpu-preset decoder pass takes ~20 ms per image on 2 busy CPU cores. The defaults keep a cpu-preset run under
+    ~10 s on orl (40 test images) and under a minute on the capped fashion-mnist / celeba test sets (200 images);
+    raise ``k`` / ``num_images`` for tighter numbers.
+
+    Fields: ``k`` importance samples of the IWAE bound (reported as iwae_k); ``num_images`` test images scored (the
+    data set's deterministic max_items subset; None = the whole split); ``num_samples`` prior draws for the
+    generation metrics (None = as many as test images scored, at most 500); ``batch_size`` images per forward pass;
+    ``patch`` side of the revealed square of the inpainting metrics (None = 10, capped at half the image); ``seed``
+    of the dequantisation noise, importance samples, patch positions and prior draws; ``pca`` also score the PPCA
+    baseline of the same rank (keys prefixed "pca_"); ``pca_train_items`` training images fitting it
+    (deterministic subset); ``dequantize`` (None: as the run was trained, `TrainConfig.dequantize`, and only for
+    quantised data, `sosvae_lib.runs.data_bits`); ``calibrate`` fit the diagonal scale of a low-rank head on the
+    val split (`sosvae_lib.calibration`); ``calibration_images`` val images for it (None = as many as
+    ``num_images``); ``faces`` face metrics of 3-channel data when facenet-pytorch is installed
+    (`sosvae_lib.faces`); ``face_images`` generated and real images given to the face detector (~0.1 s each);
+    ``device`` "cpu", "cuda", "cuda:N" or "auto"; ``root`` the data folder (None = the one the run was trained on;
+    give it when the data moved); ``progress`` tqdm bars on stderr; ``write`` store the results and the calibration
+    in the run folder (`sosvae_lib.runs.Run.write_evaluation`).
+    """
+
+    k: int = 8
+    num_images: int | None = 200
+    num_samples: int | None = None
+    batch_size: int = 50
+    patch: int | None = None
+    seed: int = 0
+    pca: bool = True
+    pca_train_items: int = 2000
+    dequantize: bool | None = None
+    calibrate: bool = True
+    calibration_images: int | None = None
+    faces: bool = True
+    face_images: int = 100
+    device: str = "cpu"
+    root: str | None = None
+    progress: bool = True
+    write: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("k", "batch_size", "pca_train_items"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("num_images", "num_samples", "calibration_images", "patch"):
+            check_int(name, getattr(self, name), 1, allow_none=True)
+        check_int("face_images", self.face_images, 2)
+        check_int("seed", self.seed, 0)
+        for name in ("pca", "progress", "write", "calibrate", "faces"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, f"must be True or False, got {getattr(self, name)!r}")
+        if self.dequantize is not None and not isinstance(self.dequantize, bool):
+            _fail("dequantize", f"must be True, False or None, got {self.dequantize!r}")
+        check_device("device", self.device)
+        if isinstance(self.root, os.PathLike):
+            object.__setattr__(self, "root", os.fspath(self.root))
+        if self.root is not None and not isinstance(self.root, str):
+            raise TypeError(f"root: must be a folder (str or Path) or None, got {type(self.root).__name__}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "EvalConfig":
+        """The evaluation of the reproduction scale ``name`` (``smoke`` | ``cpu`` | ``gpu`` | ``paper``, as
+        `sosvae_lib.reproduce` runs it; progress bars off) with keyword overrides applied."""
+        if name not in EVAL_PRESETS:
+            _fail("preset", f"must be one of {', '.join(EVAL_PRESETS)}, got {name!r}")
+        return cls().replace(**{**_EVAL_PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> "EvalConfig":
+        """A copy with some fields changed (validated again); an unknown name is a ValueError naming it."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            _fail(unknown[0], f"is not an EvalConfig field (fields: {', '.join(fields)})")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
+        return cls().replace(**d)
+
+
+_EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(k=2, num_images=16, num_samples=16, batch_size=16, patch=6, pca_train_items=32, progress=False),
+    "cpu": dict(k=8, num_images=200, batch_size=50, patch=10, pca_train_items=2000, face_images=64, progress=False),
+    "gpu": dict(k=64, num_images=1000, batch_size=50, patch=10, pca_train_items=5000, device="auto",
+                progress=False),
+    "paper": dict(k=64, num_images=1000, batch_size=25, patch=10, pca_train_items=2000, device="auto",
+                  progress=False),
 }

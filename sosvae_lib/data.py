@@ -24,6 +24,10 @@ Splits are deterministic and never depend on the process or on the global random
 - ``folder``: by a SHA-1 hash of each file's relative path (80 / 10 / 10 %), stable when files are added;
 - ``synthetic``: independent draws per split from one fixed ground-truth distribution.
 
+The datasets are registered (`register_dataset`: name, loader, channels, default size, default augmentation,
+options, whether it reads a root): `load_dataset` and `sosvae_lib.config.TrainConfig` ask the registry, so adding
+a dataset is one `register_dataset` call (here or in its own module) plus a test.
+
 Errors are one line, raised when the dataset is built (before any training): a bad name, split, size or option
 (`ValueError` naming the parameter and the allowed values), missing files (`FileNotFoundError` saying where it
 looked and how to obtain them), unreadable or corrupt files (`ValueError` naming them).
@@ -46,26 +50,96 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import atomic_write_bytes
-from .config import check_int
+from dataclasses import dataclass, field
 
-DATASETS = ("orl", "fashion-mnist", "celeba", "folder", "synthetic")
+from ._checks import check_int, image_hw
+from ._io import atomic_write_bytes
+
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp")
 
-# Options every dataset accepts, then the extra options of each dataset (with defaults).
+# Options every dataset accepts (with defaults); each dataset adds its own (`DatasetSpec.options`).
 _COMMON_OPTIONS = {"max_items": None, "return_labels": False, "subset_seed": 0}
-_DATASET_OPTIONS: dict[str, dict[str, Any]] = {
-    "orl": {"split_sizes": (32, 4, 4), "split_seed": 0},
-    "fashion-mnist": {"val_size": 5000, "split_seed": 0},
-    "celeba": {"crop": "auto", "split_fractions": (0.7, 0.2, 0.1), "split_seed": 0, "num_threads": None,
-               "preload": None},
-    "folder": {"mode": "L", "crop": True, "split_fractions": (0.8, 0.1, 0.1), "num_threads": None, "preload": None},
-    "synthetic": {"channels": 1, "rank": 4, "size": None, "seed": 0, "factor_std": 0.06, "noise_std": 0.02},
-}
-_DEFAULT_SIZE = {"orl": (64, 64), "fashion-mnist": (32, 32), "celeba": (64, 64), "folder": (64, 64),
-                 "synthetic": (16, 16)}
-_DEFAULT_AUGMENT = {"orl": True, "fashion-mnist": False, "celeba": True, "folder": False, "synthetic": False}
+ROOT_MODES = ("none", "optional", "required")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset.
+
+    ``loader(split=, hw=, root=, flip=, opts=)`` returns the `ImageDataset` of ``split`` at size ``hw`` ((H, W), or
+    None for the dataset's default), read from ``root`` (a `Path` or None), flipping train items when ``flip``;
+    ``opts`` holds every option with its default filled in (`_COMMON_OPTIONS` and ``options``), checked by
+    `load_dataset` for names only. ``channels``: C of its images, or None when an option decides it (folder
+    ``mode``, synthetic ``channels``). ``default_size``: (H, W) when ``image_size`` is None. ``augment``: random
+    flips of the train split by default. ``root``: ``none`` (the data is made, not read), ``optional`` (looked for
+    in known places when not given) or ``required``. ``labels``: the items have class labels (``return_labels``).
+    """
+
+    name: str
+    loader: Callable[..., "ImageDataset"]
+    channels: int | None
+    default_size: tuple[int, int]
+    augment: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    root: str = "optional"
+    labels: bool = False
+
+
+_DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, loader: Callable[..., "ImageDataset"], *, channels: int | None,
+                     default_size: int | tuple[int, int], augment: bool = False,
+                     options: dict[str, Any] | None = None, root: str = "optional", labels: bool = False) -> DatasetSpec:
+    """Register the dataset ``name`` (see `DatasetSpec` for the fields). A name already registered, or a bad
+    field, is a ValueError naming it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: must be a non-empty string, got {name!r}")
+    if name in _DATASETS:
+        raise ValueError(f"name: dataset {name!r} is already registered")
+    if not callable(loader):
+        raise TypeError(f"loader: must be callable (split, hw, root, flip, opts) -> ImageDataset, got {loader!r}")
+    check_int("channels", channels, 1, allow_none=True)
+    if root not in ROOT_MODES:
+        raise ValueError(f"root: must be one of {', '.join(ROOT_MODES)}, got {root!r}")
+    for flag, value in (("augment", augment), ("labels", labels)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag}: must be True or False, got {value!r}")
+    options = dict(options or {})
+    clash = sorted(set(options) & set(_COMMON_OPTIONS))
+    if clash:
+        raise ValueError(f"options: {clash[0]!r} is an option of every dataset already")
+    spec = DatasetSpec(name, loader, channels, image_hw(default_size, "default_size"), augment, options, root, labels)
+    _DATASETS[name] = spec
+    return spec
+
+
+def unregister_dataset(name: str) -> DatasetSpec:
+    """Remove the dataset ``name`` from the registry (a test's toy dataset); returns its spec."""
+    dataset_spec(name)
+    return _DATASETS.pop(name)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The registered datasets, in registration order."""
+    return tuple(_DATASETS)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registered dataset ``name``; else ``ValueError("dataset: unknown name ... (known: ...)")``."""
+    spec = _DATASETS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"dataset: unknown name {name!r} (known: {', '.join(_DATASETS)})")
+    return spec
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DATASETS":  # the registered names, read when asked (a dataset registered later is in it)
+        return dataset_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 500}
 
 # Decoded image sets of this process: key -> uint8 tensor [N, C, H, W].
@@ -181,7 +255,8 @@ def flip_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None = None,
                  root: str | os.PathLike | None = None, augment: bool | None = None, **options: Any) -> ImageDataset:
-    """Load split ``split`` ("train" | "val" | "test") of dataset ``name`` (one of `DATASETS`).
+    """Load split ``split`` ("train" | "val" | "test") of dataset ``name`` (one of `dataset_names`, the registered
+    datasets: the five below and any added with `register_dataset`).
 
     ``image_size``: int (square) or (H, W); None gives the dataset's default (orl, celeba, folder: 64×64;
     fashion-mnist: 32×32; synthetic: 16×16; celeba with ``crop=False``: the images' own size, 218×178 for the
@@ -205,11 +280,10 @@ def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None
 
     Returns an `ImageDataset`; items are float ``[C, H, W]`` in [0, 1].
     """
-    if not isinstance(name, str) or name not in DATASETS:
-        raise ValueError(f"dataset: unknown name {name!r} (known: {', '.join(DATASETS)})")
+    spec = dataset_spec(name)
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {', '.join(repr(s) for s in SPLITS)}, got {split!r}")
-    allowed = {**_COMMON_OPTIONS, **_DATASET_OPTIONS[name]}
+    allowed = {**_COMMON_OPTIONS, **spec.options}
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"{unknown[0]}: not an option of dataset {name!r} (options: {', '.join(sorted(allowed))})")
@@ -218,23 +292,22 @@ def load_dataset(name: str, split: str, image_size: int | tuple[int, int] | None
         raise ValueError(f"augment: must be True, False or None, got {augment!r}")
     if augment and split != "train":
         raise ValueError(f"augment: flips are for the train split only, got augment=True with split={split!r}")
-    flip = (_DEFAULT_AUGMENT[name] if augment is None else augment) and split == "train"
+    flip = (spec.augment if augment is None else augment) and split == "train"
     max_items = opts["max_items"]
     check_int("max_items", max_items, 1, allow_none=True)
     if not isinstance(opts["return_labels"], bool):
         raise ValueError(f"return_labels: must be True or False, got {opts['return_labels']!r}")
-    if opts["return_labels"] and name != "fashion-mnist":
-        raise ValueError(f"return_labels: only fashion-mnist has labels, not {name!r}")
+    if opts["return_labels"] and not spec.labels:
+        labelled = ", ".join(n for n, other in _DATASETS.items() if other.labels)
+        raise ValueError(f"return_labels: only {labelled} has labels, not {name!r}")
     if opts.get("preload") not in (None, True, False):
         raise ValueError(f"preload: must be True, False or None (preload when under "
                          f"{PRELOAD_LIMIT_BYTES // 2**30} GiB), got {opts['preload']!r}")
     threads = opts.get("num_threads")
     check_int("num_threads", threads, 1, allow_none=True)
-    hw = _parse_size(image_size)
-    loader: Callable[..., ImageDataset] = {"orl": _load_orl, "fashion-mnist": _load_fashion_mnist,
-                                           "celeba": _load_celeba, "folder": _load_folder,
-                                           "synthetic": _load_synthetic}[name]
-    return loader(split=split, hw=hw, root=None if root is None else Path(root).expanduser(), flip=flip, opts=opts)
+    hw = image_hw(image_size)
+    return spec.loader(split=split, hw=hw, root=None if root is None else Path(root).expanduser(), flip=flip,
+                       opts=opts)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
@@ -279,21 +352,6 @@ def clear_cache() -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Shared helpers
-
-
-def _parse_size(image_size: Any) -> tuple[int, int] | None:
-    msg = f"image_size: must be a positive int, a pair (H, W) of positive ints, or None, got {image_size!r}"
-    if image_size is None:
-        return None
-    if isinstance(image_size, (list, tuple)) and len(image_size) == 2:
-        pair = tuple(image_size)
-    else:
-        pair = (image_size, image_size)
-    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
-        raise ValueError(msg)
-    if max(pair) > 4096:
-        raise ValueError(f"image_size: at most 4096 pixels per side, got {image_size!r}")
-    return int(pair[0]), int(pair[1])
 
 
 def _check_fractions(option: str, value: Any) -> tuple[float, float, float]:
@@ -541,7 +599,7 @@ def _load_orl(split: str, hw: tuple[int, int] | None, root: Path | None, flip: b
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes) and sizes[0] > 0):
         raise ValueError(f"split_sizes: must be three numbers of people (train, val, test) >= 0 with train > 0, "
                          f"got {sizes!r}")
-    hw = hw or _DEFAULT_SIZE["orl"]
+    hw = hw or _DATASETS["orl"].default_size
     folder = root if root is not None else orl_root()
     people = sorted((p for p in folder.glob("s*") if p.is_dir() and p.name[1:].isdigit()),
                     key=lambda p: int(p.name[1:])) if folder.is_dir() else []
@@ -618,7 +676,7 @@ def _load_fashion_mnist(split: str, hw: tuple[int, int] | None, root: Path | Non
     val_size = opts["val_size"]
     if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < 60000:
         raise ValueError(f"val_size: must be an integer in [0, 60000), got {val_size!r}")
-    hw = hw or _DEFAULT_SIZE["fashion-mnist"]
+    hw = hw or _DATASETS["fashion-mnist"].default_size
     part = "test" if split == "test" else "train"
     candidates = fashion_mnist_candidates(root)
     folder = next((c for c in candidates if all(_find_idx(c, s) for s in _FMNIST_FILES[part])), None)
@@ -762,7 +820,7 @@ def _load_celeba(split: str, hw: tuple[int, int] | None, root: Path | None, flip
     files = [str(image_dir / present[i]) for i in index]
     crop = CELEBA_CROP if crop_opt else None
     if hw is None and crop_opt:
-        hw = _DEFAULT_SIZE["celeba"]
+        hw = _DATASETS["celeba"].default_size
     key = ("celeba", str(image_dir.resolve()), hw, crop, tuple(files))
     images = _image_set(key, files, "RGB", hw, crop, "celeba", opts["preload"], opts["num_threads"])
     groups = torch.tensor([identity.get(present[i], -1) for i in index], dtype=torch.long) if identity else None
@@ -783,7 +841,7 @@ def _load_folder(split: str, hw: tuple[int, int] | None, root: Path | None, flip
                          f"got {opts['crop']!r}")
     if root is None:
         raise ValueError("root: the folder dataset needs root=<a folder of PNG/JPEG/PGM images>")
-    hw = hw or _DEFAULT_SIZE["folder"]
+    hw = hw or _DATASETS["folder"].default_size
     rel = _image_files(root)
     # The hash of the relative path decides the split: stable across processes, machines and added files.
     cut = (fractions[0], fractions[0] + fractions[1])
@@ -881,7 +939,7 @@ def _load_synthetic(split: str, hw: tuple[int, int] | None, root: Path | None, f
             raise ValueError(f"{key}: must be a number in (0, 0.2) so that samples stay inside [0, 1], got {v!r}")
     check_int("size", opts["size"], 1, allow_none=True)
     size = _SYNTHETIC_SIZES[split] if opts["size"] is None else opts["size"]
-    h, w = hw or _DEFAULT_SIZE["synthetic"]
+    h, w = hw or _DATASETS["synthetic"].default_size
     c, rank = opts["channels"], opts["rank"]
     if rank >= c * h * w:
         raise ValueError(f"rank: must be < C·H·W = {c * h * w}, got {rank}")
@@ -895,3 +953,20 @@ def _load_synthetic(split: str, hw: tuple[int, int] | None, root: Path | None, f
     ds.ground_truth = truth
     ds.clamped_fraction = float(((x < 0) | (x > 1)).float().mean())
     return ds
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The registry of the datasets above (registration order is the order of `dataset_names`)
+
+register_dataset("orl", _load_orl, channels=1, default_size=64, augment=True,
+                 options={"split_sizes": (32, 4, 4), "split_seed": 0})
+register_dataset("fashion-mnist", _load_fashion_mnist, channels=1, default_size=32,
+                 options={"val_size": 5000, "split_seed": 0}, labels=True)
+register_dataset("celeba", _load_celeba, channels=3, default_size=64, augment=True,
+                 options={"crop": "auto", "split_fractions": (0.7, 0.2, 0.1), "split_seed": 0, "num_threads": None,
+                          "preload": None})
+register_dataset("folder", _load_folder, channels=None, default_size=64, root="required",
+                 options={"mode": "L", "crop": True, "split_fractions": (0.8, 0.1, 0.1), "num_threads": None,
+                          "preload": None})
+register_dataset("synthetic", _load_synthetic, channels=None, default_size=16, root="none",
+                 options={"channels": 1, "rank": 4, "size": None, "seed": 0, "factor_std": 0.06, "noise_std": 0.02})

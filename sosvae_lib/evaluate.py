@@ -1,15 +1,37 @@
 """Evaluate a trained run: the claims of SOS-VAE as numbers (Langley et al., "Structured Uncertainty in the
 Observation Space of Variational Autoencoders", TMLR 2022).
 
-``evaluate(run_dir, split="test", **options)`` loads a run written by `sosvae_lib.train`, scores it on held-out
-images with `sosvae_lib.metrics`, scores the global PPCA baseline of the same rank (`sosvae_lib.pca`, fitted on the
-run's training set) with the same metrics where they apply, returns one flat dict and writes it atomically to
-``run_dir/eval_<split>.json``. Command line: ``python -m sosvae_lib.evaluate RUN_DIR [--split test] [--k 8] ...``.
+``evaluate(run, split="test", config=EvalConfig(...), **overrides)`` loads a run written by `sosvae_lib.train`
+(`sosvae_lib.runs.Run`), scores it on held-out images with `sosvae_lib.metrics`, scores the global PPCA baseline of
+the same rank (`sosvae_lib.pca`, fitted on the run's training set) with the same metrics where they apply, returns
+one flat dict and stores it in the run (`Run.write_evaluation`). `calibrate_run` fits only the calibration of the
+diagonal (`sosvae_lib.calibration`). Command line: ``python -m sosvae_lib.evaluate RUN_DIR [--split test]
+[--preset smoke|cpu|gpu|paper] [--k 8] ...`` (the flags are the fields of `sosvae_lib.config.EvalConfig`).
 
 Settings that every metric shares: for each test image x the observation distribution is p(x | z = m(x)) with m(x)
 the posterior mean of q(z | x) ("the reconstruction"); residuals are x − μ(m(x)) on the clean images; likelihoods
-(IWAE, ELBO, inpainting) score the dequantised images (`sosvae_lib.metrics` states the bits-per-dimension
-convention). Generated images are drawn from the prior: means μ(z) and samples y ~ p(x | z), z ~ N(0, I).
+(IWAE, ELBO, inpainting) score the dequantised images, at the bits of the run's data (`sosvae_lib.runs.data_bits`;
+`sosvae_lib.metrics` states the bits-per-dimension convention). Generated images are drawn from the prior: means
+μ(z) and samples y ~ p(x | z), z ~ N(0, I).
+
+The keys of the result of `evaluate`: test_nll_bpd (IWAE, k samples), elbo_bpd, iwae_k, kl_nats, target_kl,
+residual_corr_samples, residual_corr_data, span_capture; for each family f of `sosvae_lib.inpaint.REAL_INPAINT_FAMILIES` (top_half,
+left_half, random50, patch10) real_inpaint_rmse_f, real_inpaint_nll_bpd_f and real_inpaint_rmse_f_train_mean
+(the training mean on the same pixels: the floor); for each mask family f of
+`sosvae_lib.metrics.INPAINT_FAMILIES` (random50, patch10, patch10_maxvar, top_half, left_half)
+correction_rmse_uncond_f, correction_rmse_cond_f, correction_nll_bpd_uncond_f, correction_nll_bpd_cond_f and the
+last three with suffix ``_cal`` (at the calibrated diagonal); the first version's keys correction_rmse_uncond,
+correction_rmse_cond, correction_nll_bpd, correction_nll_bpd_uncond (= patch10) and the same with ``_maxvar``
+(= patch10_maxvar); eps_calibrated (lowrank: the fitted ε), diag_scale_calibrated (the multiplier s of the
+trained diagonal), val_recon_nll_bpd and val_recon_nll_bpd_calibrated (reconstruction NLL of the val images
+at s = 1 and at s), calibration_images, test_nll_bpd_calibrated (IWAE at s·d) — all None for the diagonal
+head; for CelebA-like 3-channel data with facenet-pytorch: face_rate_real, face_rate_blur2, fd_blur2,
+face_rate_means, face_rate_samples, fd_means, fd_samples (`sosvae_lib.faces`; fd is not FID);
+spectrum_dist_mean, spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's
+keys prefixed ``pca_`` (or ``pca_skipped``, why there are none), and dataset, head, rank, latent, epochs (the
+epochs the evaluated checkpoint was trained for), epochs_planned (``TrainConfig.epochs``), complete (epochs =
+epochs_planned; a RuntimeWarning when not), train_seconds (of the checkpoint), split, num_images, patch (the
+side used), dequantized, bits (of the data: 8, 16, or None for continuous data), seed, eval_seconds.
 """
 
 from __future__ import annotations
@@ -17,87 +39,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from . import metrics as M
-from .config import USAGE_ERRORS, check_int
-from .distributed import resolve_device
 from . import faces
-from .calibration import CALIBRATION_FILE, Calibration, calibrate_model, rescale_diagonal
+from .calibration import Calibration, calibrate_model, check_search, rescale_diagonal
+from .config import EVAL_PRESETS, USAGE_ERRORS, EvalConfig, check_int
+from .distributed import resolve_device
 from .distributions import deferred_checks
+from .heads import has_factor
 from .inpaint import REAL_INPAINT_FAMILIES, RealInpaintScores
 from .pca import PCAModel, fit_pca
-
-# Cost: about k + 2 decoder passes per test image (k importance samples, the reconstruction, one prior draw); a
-# cpu-preset decoder pass takes ~20 ms per image on 2 busy CPU cores. The defaults keep a cpu-preset run under
-# ~10 s on orl (40 test images) and under a minute on the capped fashion-mnist / celeba test sets (200 images);
-# raise k / num_images for tighter numbers.
-DEFAULTS: dict[str, Any] = dict(
-    k=8,                # importance samples of the IWAE bound (reported as iwae_k)
-    num_images=200,     # test images scored (the data set's deterministic max_items subset); None = the whole split
-    num_samples=None,   # prior draws for the generation metrics; None = as many as test images scored (≤ 500)
-    batch_size=50,      # images per forward pass
-    patch=None,         # side of the revealed square of the inpainting metrics; None = 10, capped at half the image
-    seed=0,             # seeds dequantisation noise, importance samples, patch positions and prior draws
-    pca=True,           # also score the PPCA baseline of the same rank (keys prefixed "pca_")
-    pca_train_items=2000,  # training images used to fit the baseline (deterministic subset)
-    dequantize=None,    # None: as the run was trained (TrainConfig.dequantize), and only for 8-bit data
-    calibrate=True,     # fit the diagonal scale of a low-rank head on the val split (sosvae_lib.calibration)
-    calibration_images=None,  # val images for the calibration; None = as many as num_images (the whole split if None)
-    faces=True,         # face metrics of 3-channel data when facenet-pytorch is installed (sosvae_lib.faces)
-    face_images=100,    # generated and real images given to the face detector (~0.1 s each)
-    device="cpu",       # "cpu", "cuda", "cuda:N" or "auto"
-    root=None,          # data folder; None = the one the run was trained on (TrainConfig.root)
-    progress=True,      # tqdm bars on stderr
-    write=True,         # write run_dir/eval_<split>.json
-)
-SPLITS = ("train", "val", "test")
-
-
-def _check_options(split: str, options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"{unknown[0]}: not an evaluate() option (options: {', '.join(DEFAULTS)})")
-    o = {**DEFAULTS, **options}
-    if split not in SPLITS:
-        raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
-
-    for name in ("k", "batch_size", "pca_train_items"):
-        check_int(name, o[name], 1)
-    for name in ("num_images", "num_samples", "calibration_images", "patch"):
-        check_int(name, o[name], 1, allow_none=True)
-    check_int("face_images", o["face_images"], 2)
-    check_int("seed", o["seed"], 0)
-    for name in ("pca", "progress", "write", "calibrate", "faces"):
-        if not isinstance(o[name], bool):
-            raise ValueError(f"{name}: must be True or False, got {o[name]!r}")
-    if o["dequantize"] is not None and not isinstance(o["dequantize"], bool):
-        raise ValueError(f"dequantize: must be True, False or None, got {o['dequantize']!r}")
-    dev = o["device"]
-    if not (dev in ("cpu", "cuda", "auto") or (isinstance(dev, str) and dev.startswith("cuda:"))):
-        raise ValueError(f"device: must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {dev!r}")
-    if o["root"] is not None and not isinstance(o["root"], (str, Path)):
-        raise TypeError(f"root: must be a folder (str or Path) or None, got {type(o['root']).__name__}")
-    return o
-
-
-def stack_images(dataset, limit: int | None) -> torch.Tensor:
-    """The first ``limit`` items of a dataset as one float tensor [N, C, H, W]."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    items = []
-    for i in range(n):
-        item = dataset[i]
-        items.append(item[0] if isinstance(item, (list, tuple)) else item)
-    if not items:
-        raise ValueError("split: the data set has no images in this split")
-    return torch.stack(items).float()
-
+from .runs import SPLITS, Run, bpd_bits, stack_images
 
 class _Scores:
     """Running sums of the per-image metrics of observation distributions p(x | z(x)) on test images: residual
@@ -132,7 +91,8 @@ class _Scores:
                                                             out.hidden_nll_uncond, out.num_hidden)):
                     self._add(f"{family}{suffix}/{name}", value)
 
-    def result(self, image_shape: tuple[int, int, int]) -> dict[str, float]:
+    def result(self, image_shape: tuple[int, int, int], bits: int = 8) -> dict[str, float]:
+        """The metrics of the sums (inpainting NLLs in bits per hidden dimension at ``bits``)."""
         keys = list(self.sums)
         values = dict(zip(keys, torch.stack([self.sums[k] for k in keys]).tolist()))  # the one read-back
         captured, energy = values["captured"], values["energy"]
@@ -148,8 +108,10 @@ class _Scores:
                 if not suffix:  # μ does not depend on the diagonal: one unconditional RMSE per family
                     out[f"correction_rmse_uncond_{family}"] = math.sqrt(acc["sq_uncond"] / acc["hidden"])
                 out[f"correction_rmse_cond_{family}{suffix}"] = math.sqrt(acc["sq_cond"] / acc["hidden"])
-                out[f"correction_nll_bpd_uncond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll_uncond"], acc["hidden"]))
-                out[f"correction_nll_bpd_cond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll"], acc["hidden"]))
+                out[f"correction_nll_bpd_uncond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll_uncond"],
+                                                                                          acc["hidden"], bits=bits))
+                out[f"correction_nll_bpd_cond_{family}{suffix}"] = float(M.bits_per_dim(acc["nll"], acc["hidden"],
+                                                                                        bits=bits))
         # the keys of the first version of these metrics: the revealed patch (random / most uncertain)
         for family, tag in (("patch10", ""), ("patch10_maxvar", "_maxvar")):
             if f"correction_rmse_uncond_{family}" in out:
@@ -212,64 +174,38 @@ def _span_angle(factors: list[torch.Tensor], truth: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, num_samples: int | None = None,
                    batch_size: int = 50, patch: int | None = None, seed: int = 0, dequantize: bool = True,
-                   true_factor: torch.Tensor | None = None, diag_scale: float | None = None,
+                   bits: int = 8, true_factor: torch.Tensor | None = None, diag_scale: float | None = None,
                    face_reference: dict[str, Any] | None = None, face_images: int = 100,
                    fill: torch.Tensor | None = None, progress: bool = False) -> dict[str, Any]:
     """Every metric of a VAE (`sosvae_lib.model.VAE` or anything with ``encode``/``decode``) on test images
-    [N, C, H, W] in [0, 1]; see the module docstring and `evaluate` for the keys. ``true_factor`` [D, R*] adds
-    ``span_angle_deg`` (synthetic data). ``diag_scale`` s (a calibration, `sosvae_lib.calibration`) adds the keys of
-    `calibrated_keys` at the diagonal s·d (IWAE from the same importance samples); None sets them to None.
-    ``face_reference`` (`sosvae_lib.faces.face_reference`) adds the face metrics of the first ``face_images``
-    generated means and samples. ``patch``: side of the revealed square (None: `DEFAULT_PATCH`, capped at half the
-    image's shorter side). ``fill`` (the training mean, [C, H, W] or [D]) adds the real-inpainting keys of
-    `sosvae_lib.inpaint.RealInpaintScores` (z from the image with its hidden pixels replaced by ``fill``; the
-    conditional at the calibrated diagonal when ``diag_scale`` is given); None sets them to None.
+    [N, C, H, W] in [0, 1]; see the module docstring and `evaluate` for the keys. ``dequantize``: score images
+    dequantised at ``bits`` (8 or 16); bits per dimension are stated at ``bits`` (`sosvae_lib.runs.bpd_bits`).
+    ``true_factor`` [D, R*] adds ``span_angle_deg`` (synthetic data). ``diag_scale`` s (a calibration,
+    `sosvae_lib.calibration`) adds the keys of `calibrated_keys` at the diagonal s·d (IWAE from the same importance
+    samples); None sets them to None. ``face_reference`` (`sosvae_lib.faces.face_reference`) adds the face metrics
+    of the first ``face_images`` generated means and samples. ``patch``: side of the revealed square (None:
+    `DEFAULT_PATCH`, capped at half the image's shorter side). ``fill`` (the training mean, [C, H, W] or [D]) adds
+    the real-inpainting keys of `sosvae_lib.inpaint.RealInpaintScores` (z from the image with its hidden pixels
+    replaced by ``fill``; the conditional at the calibrated diagonal when ``diag_scale`` is given); None sets them
+    to None.
 
     Everything runs on the model's device; the randomness (seeded by ``seed``) is drawn on the CPU, so a seed gives
     the same numbers on every device. Per-image results stay on the device and are read back once at the end."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     model.eval()  # BatchNorm (arch "authors") must use its running statistics, not the batch's
     n, image_shape, d, gen, masks, scores = _setup(images, patch, seed, device)
-    rescale = None if diag_scale is None else (lambda dist: rescale_diagonal(dist, diag_scale))
-    parts: dict[str, list[torch.Tensor]] = dict(log_likelihood=[], log_likelihood_calibrated=[], elbo=[], kl=[])
-    factors = []
     real = None if fill is None else RealInpaintScores()
-    bar = tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
-    for start in range(0, n, batch_size):
-        x = images[start:start + batch_size].to(device)
-        b = x.shape[0]
-        x_score = M.dequantize(x, gen) if dequantize else x
-        with deferred_checks():  # non-finite numbers are caught once, below
-            bound = M.iwae_log_likelihood(model, x_score, k=k, generator=gen,
-                                          variants=None if rescale is None else dict(calibrated=rescale))
-            obs = model.decode(model.encode(x).loc)
-            batch_masks = masks(start, obs)
-            scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), batch_masks,
-                       None if rescale is None else rescale(obs))
-            if real is not None:  # the model sees x_score on the observed pixels and the fill elsewhere, nothing else
-                real.add(model, x_score, batch_masks, fill.to(device), diag_scale=diag_scale)
-        for key, values in parts.items():
-            if key in bound:
-                values.append(bound[key])
-        if true_factor is not None and obs.cov_factor.shape[-1] > 0:
-            factors += list(obs.cov_factor.detach().double())
-        bar.update(b)
-    bar.close()
-    means = {key: torch.cat(values).mean() for key, values in parts.items() if values}
-    means = dict(zip(means, torch.stack(list(means.values())).tolist()))  # one read-back
-    if not all(map(math.isfinite, means.values())):
-        raise ValueError(f"model: gives non-finite likelihoods on these images ({means}); its weights or outputs "
-                         f"hold NaN or Inf")
-    out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(-means["log_likelihood"], d)),
-                               elbo_bpd=float(M.bits_per_dim(-means["elbo"], d)),
+    means, factors = _score_images(model, images, masks, scores, real, gen, k=k, batch_size=batch_size,
+                                   dequantize=dequantize, bits=bits, diag_scale=diag_scale, fill=fill,
+                                   with_factors=true_factor is not None, progress=progress)
+    out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(-means["log_likelihood"], d, bits=bits)),
+                               elbo_bpd=float(M.bits_per_dim(-means["elbo"], d, bits=bits)),
                                iwae_k=k, kl_nats=means["kl"])
     out.update(dict.fromkeys(calibrated_keys()))
     if "log_likelihood_calibrated" in means:
-        out["test_nll_bpd_calibrated"] = float(M.bits_per_dim(-means["log_likelihood_calibrated"], d))
-    out.update(scores.result(image_shape))
-    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else real.result())
+        out["test_nll_bpd_calibrated"] = float(M.bits_per_dim(-means["log_likelihood_calibrated"], d, bits=bits))
+    out.update(scores.result(image_shape, bits))
+    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else _restate_bpd(real.result(), bits))
 
     m = num_samples if num_samples is not None else min(n, 500)
     gen_means, gen_samples = [], []
@@ -285,6 +221,58 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     if factors:
         out["span_angle_deg"] = _span_angle(factors, true_factor.double().to(device))
     return out
+
+
+def _score_images(model: torch.nn.Module, images: torch.Tensor, masks: Any, scores: _Scores,
+                  real: RealInpaintScores | None, gen: torch.Generator, *, k: int, batch_size: int, dequantize: bool,
+                  bits: int, diag_scale: float | None, fill: torch.Tensor | None, with_factors: bool,
+                  progress: bool) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """The pass of `evaluate_model` over the test images: IWAE / ELBO / KL per image (their means read back once,
+    a ValueError naming the model when one is not finite), the residual and inpainting sums added to ``scores``
+    and ``real``; returns (means, the factors P(z(x)) in float64 when ``with_factors``)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    n, d = images.shape[0], math.prod(images.shape[1:])
+    rescale = None if diag_scale is None else (lambda dist: rescale_diagonal(dist, diag_scale))
+    parts: dict[str, list[torch.Tensor]] = dict(log_likelihood=[], log_likelihood_calibrated=[], elbo=[], kl=[])
+    factors = []
+    bar = tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        x = images[start:start + batch_size].to(device)
+        b = x.shape[0]
+        x_score = M.dequantize(x, gen, bits=bits) if dequantize else x
+        with deferred_checks():  # non-finite numbers are caught once, below
+            bound = M.iwae_log_likelihood(model, x_score, k=k, generator=gen,
+                                          variants=None if rescale is None else dict(calibrated=rescale))
+            obs = model.decode(model.encode(x).loc)
+            batch_masks = masks(start, obs)
+            scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), batch_masks,
+                       None if rescale is None else rescale(obs))
+            if real is not None:  # the model sees x_score on the observed pixels and the fill elsewhere, nothing else
+                real.add(model, x_score, batch_masks, fill.to(device), diag_scale=diag_scale)
+        for key, values in parts.items():
+            if key in bound:
+                values.append(bound[key])
+        if with_factors and obs.cov_factor.shape[-1] > 0:
+            factors += list(obs.cov_factor.detach().double())
+        bar.update(b)
+    bar.close()
+    means = {key: torch.cat(values).mean() for key, values in parts.items() if values}
+    means = dict(zip(means, torch.stack(list(means.values())).tolist()))  # one read-back
+    if not all(map(math.isfinite, means.values())):
+        raise ValueError(f"model: gives non-finite likelihoods on these images ({means}); its weights or outputs "
+                         f"hold NaN or Inf")
+    return means, factors
+
+
+def _restate_bpd(result: dict[str, Any], bits: int) -> dict[str, Any]:
+    """`sosvae_lib.inpaint.RealInpaintScores.result` (stated on the 8-bit scale) at ``bits``: bits_per_dim(·, bits)
+    = bits_per_dim(·, 8) + bits − 8 (`sosvae_lib.metrics.bits_per_dim`); the 8-bit keys are returned as they are."""
+    if bits == 8:
+        return result
+    return {key: value + (bits - 8) if "_bpd" in key and isinstance(value, float) else value
+            for key, value in result.items()}
 
 
 def _face_metrics(means: torch.Tensor | None, samples: torch.Tensor, image_shape: tuple[int, int, int],
@@ -334,7 +322,7 @@ def _draw(obs: Any, gen: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None = None, batch_size: int = 50,
-                 patch: int | None = None, seed: int = 0, dequantize: bool = True,
+                 patch: int | None = None, seed: int = 0, dequantize: bool = True, bits: int = 8,
                  true_factor: torch.Tensor | None = None, face_reference: dict[str, Any] | None = None,
                  face_images: int = 100, fill: torch.Tensor | None = None) -> dict[str, Any]:
     """The metrics of `evaluate_model` that apply to a global PPCA (`sosvae_lib.pca.fit_pca`) on test images
@@ -342,6 +330,7 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
     draws of N(m, WWᵀ + σ²I) and the generated "means" are the single global mean. σ² is the maximum-likelihood
     value (already calibrated): the calibrated keys repeat the trained ones, ``eps_calibrated`` = σ² and
     ``diag_scale_calibrated`` = 1. With no latent, real inpainting (``fill`` given) is the PPCA conditional itself.
+    ``dequantize`` and ``bits`` as for `evaluate_model`.
 
     Runs in float64 on the fit's device (`sosvae_lib.pca.PCAModel.to`); randomness and read-backs as in
     `evaluate_model`."""
@@ -352,7 +341,7 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].to(device).reshape(-1, d).double()
         b = x.shape[0]
-        x_score = M.dequantize(x, gen) if dequantize else x
+        x_score = M.dequantize(x, gen, bits=bits) if dequantize else x
         dist = fit.distribution(b, dtype=torch.float64)
         with deferred_checks():
             nll.append(-dist.log_prob(x_score))
@@ -360,9 +349,9 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
             scores.add(dist, x, x_score, batch_masks)
             if real is not None:
                 real.add(dist, x_score, batch_masks, fill.to(device, torch.float64).reshape(-1))
-    out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(torch.cat(nll).mean(), d)))
-    out.update(scores.result(image_shape))
-    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else real.result())
+    out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(torch.cat(nll).mean(), d, bits=bits)))
+    out.update(scores.result(image_shape, bits))
+    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else _restate_bpd(real.result(), bits))
     out.update({key: out[key.removesuffix("_cal").replace("_calibrated", "")] for key in calibrated_keys()})
     out.update(eps_calibrated=fit.noise_var, diag_scale_calibrated=1.0)
     m = num_samples if num_samples is not None else min(n, 500)
@@ -378,134 +367,185 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
     return out
 
 
-def evaluate(run_dir: str | Path, split: str = "test", **options: Any) -> dict[str, Any]:
-    """Evaluate the run in ``run_dir`` on ``split``; return a flat dict and write ``run_dir/eval_<split>.json``.
+def evaluate(run: Run | str | os.PathLike, split: str = "test", config: EvalConfig | None = None,
+             **overrides: Any) -> dict[str, Any]:
+    """Evaluate the run ``run`` (a `sosvae_lib.runs.Run` or its folder) on ``split``; return a flat dict and store
+    it in the run (`Run.write_evaluation`; with the calibration, `Run.write_calibration`) when ``config.write``.
 
-    Options (defaults in ``DEFAULTS``): ``k`` importance samples (8), ``num_images`` test images scored (200, a
-    deterministic subset; None = all), ``num_samples`` prior draws for the generation metrics (None = as many as images scored),
-    ``batch_size`` (50), ``patch`` side of the revealed square (None = 10, capped at half the image's shorter side),
-    ``seed`` (0; seeds all randomness, so a repeated call gives identical numbers), ``pca`` also score the PPCA
-    baseline (True; fitted and scored in float64 on ``device``; skipped, with a ``pca_skipped`` note, when the run
-    has fewer than 2 training images), ``pca_train_items`` training images for the baseline (2000), ``dequantize``
-    (None = as trained), ``calibrate`` fit the diagonal scale on the val split (True; low-rank heads),
-    ``calibration_images`` (None = num_images), ``faces`` face metrics for 3-channel data when facenet-pytorch is
-    installed (True), ``face_images`` (100), ``device`` ("cpu"), ``root`` the data folder (None = the run's
-    ``TrainConfig.root``; give it when the data moved), ``progress`` (tqdm), ``write`` (True; also writes
-    ``run_dir/calibration.json``).
+    ``config``: an `sosvae_lib.config.EvalConfig` (None: its defaults; `EvalConfig.preset` gives the reproduction's
+    per scale); keyword ``overrides`` replace its fields (``evaluate(run, k=16)``), each checked and a bad one named.
+    Randomness is seeded by ``config.seed``, so a repeated call gives identical numbers. The PPCA baseline is fitted
+    and scored in float64 on the device (skipped, with a ``pca_skipped`` note, when the run has fewer than 2
+    training images). Quantised data are dequantised at their bits (`Run.bits`) as the run was trained, and bits per
+    dimension stated at those bits (`sosvae_lib.runs.bpd_bits`): 16-bit data on the 16-bit scale, as in training.
 
     Two inpainting protocols are scored on the same masks (the named region observed, the rest hidden and scored):
     *correction* (the paper's edit propagation: z = m(x) from the whole image, so the encoder has seen the hidden
     pixels; p(x | z) then conditioned on the observed ones) and *real inpainting* (`sosvae_lib.inpaint`: the hidden
     pixels never reach the model; z from the image with them replaced by the training mean, then the exact
-    conditional, at the calibrated diagonal when there is one).
-
-    Keys: test_nll_bpd (IWAE, k samples), elbo_bpd, iwae_k, kl_nats, target_kl, residual_corr_samples,
-    residual_corr_data, span_capture; for each family f of `sosvae_lib.inpaint.REAL_INPAINT_FAMILIES` (top_half,
-    left_half, random50, patch10) real_inpaint_rmse_f, real_inpaint_nll_bpd_f and real_inpaint_rmse_f_train_mean
-    (the training mean on the same pixels: the floor); for each mask family f of
-    `sosvae_lib.metrics.INPAINT_FAMILIES` (random50, patch10, patch10_maxvar, top_half, left_half)
-    correction_rmse_uncond_f, correction_rmse_cond_f, correction_nll_bpd_uncond_f, correction_nll_bpd_cond_f and the last
-    three with suffix ``_cal`` (at the calibrated diagonal); the first version's keys correction_rmse_uncond,
-    correction_rmse_cond, correction_nll_bpd, correction_nll_bpd_uncond (= patch10) and the same with ``_maxvar``
-    (= patch10_maxvar); eps_calibrated (lowrank: the fitted ε), diag_scale_calibrated (the multiplier s of the
-    trained diagonal), val_recon_nll_bpd and val_recon_nll_bpd_calibrated (reconstruction NLL of the val images
-    at s = 1 and at s), calibration_images, test_nll_bpd_calibrated (IWAE at s·d) — all None for the diagonal
-    head; for CelebA-like 3-channel data with facenet-pytorch: face_rate_real, face_rate_blur2, fd_blur2,
-    face_rate_means, face_rate_samples, fd_means, fd_samples (`sosvae_lib.faces`; fd is not FID);
-    spectrum_dist_mean, spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's
-    keys prefixed ``pca_`` (or ``pca_skipped``, why there are none), and dataset, head, rank, latent, epochs (the
-    epochs the evaluated checkpoint was trained for), epochs_planned (``TrainConfig.epochs``), complete (epochs =
-    epochs_planned; a RuntimeWarning when not), train_seconds (of the checkpoint), split, num_images, patch (the
-    side used), dequantized, seed, eval_seconds.
+    conditional, at the calibrated diagonal when there is one). The result's keys: see the module docstring.
     """
-    from .checkpoint import atomic_write_json, load_run
-    from .data import load_dataset
-
-    o = _check_options(split, options)
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run_dir: {run_dir} is not a directory; give the --out folder of a training run")
-    device = str(resolve_device(o["device"]))  # a GPU that is not there: one line, before the checkpoint is read
+    cfg = _eval_config(config, overrides)
+    if split not in SPLITS:
+        raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
+    run = _existing_run(run)
+    device = str(resolve_device(cfg.device))  # a GPU that is not there: one line, before the checkpoint is read
     start_time = time.perf_counter()
-    model, config = load_run(run_dir, device=device)
-    trained = _trained(run_dir)
-    if trained["epochs"] < config.epochs:
-        warnings.warn(f"run_dir: {run_dir} holds the checkpoint after epoch {trained['epochs']} of {config.epochs} "
-                      f"(training incomplete); the numbers describe that checkpoint (recorded as epochs "
-                      f"{trained['epochs']}, complete false)", RuntimeWarning, stacklevel=2)
-    root = config.root if o["root"] is None else str(o["root"])
-    data_options: dict[str, Any] = {} if o["num_images"] is None else dict(max_items=o["num_images"])
-    dataset = load_dataset(config.dataset, split, image_size=config.image_size, root=root, **data_options)
-    images = stack_images(dataset, o["num_images"])
-    # Only 8-bit data are dequantised (a float data set such as `synthetic` is scored as it is).
-    eight_bit = getattr(getattr(dataset, "images", None), "dtype", torch.uint8) == torch.uint8
-    dequantize = (config.dequantize and eight_bit) if o["dequantize"] is None else o["dequantize"]
-    truth = getattr(dataset, "ground_truth", None)
-    true_factor = truth["cov_factor"] if isinstance(truth, dict) and "cov_factor" in truth else None
-
-    torch.manual_seed(o["seed"])  # anything inside the model that draws from the global generator
+    model, trained = run.load_model(device), _trained(run)
+    dataset = run.dataset(split, cfg.num_images, root=cfg.root)
+    images = stack_images(dataset, cfg.num_images)
+    bits = run.data_bits(cfg.root)
+    dequantize = _dequantize(cfg.dequantize, trained["config"].dequantize, bits)
+    torch.manual_seed(cfg.seed)  # anything inside the model that draws from the global generator
     calibration = None
-    if o["calibrate"] and model.rank > 0:
-        cal_images = o["calibration_images"] or o["num_images"]
-        val_set = load_dataset(config.dataset, "val", image_size=config.image_size, root=root,
-                               **({} if cal_images is None else dict(max_items=cal_images)))
-        calibration = calibrate_model(model, stack_images(val_set, cal_images).to(device),
-                                      batch_size=o["batch_size"], dequantize=dequantize,
-                                      generator=torch.Generator().manual_seed(o["seed"]))
-        if o["write"]:
-            atomic_write_json(run_dir / CALIBRATION_FILE, dict(calibration.to_dict(), split="val", seed=o["seed"]))
+    if cfg.calibrate and has_factor(model):
+        calibration = _calibrate(run, model, split="val", num_images=cfg.calibration_images or cfg.num_images,
+                                 seed=cfg.seed, batch_size=cfg.batch_size, dequantize=dequantize, bits=bits,
+                                 write=cfg.write, root=cfg.root)
     face_ref = None
-    if o["faces"] and images.shape[1] == 3 and faces.available():
+    if cfg.faces and images.shape[1] == 3 and faces.available():
         net = faces.FaceNet(device=device)
-        face_ref = dict(faces.face_reference(images[:o["face_images"]], net), net=net)
-    common = dict(num_samples=o["num_samples"], batch_size=o["batch_size"], patch=o["patch"], seed=o["seed"],
-                  dequantize=dequantize, true_factor=true_factor, face_reference=face_ref,
-                  face_images=o["face_images"])
-    result: dict[str, Any] = dict(dataset=config.dataset, head=config.head, rank=int(model.rank),
-                                  latent=int(config.latent), split=split, num_images=int(images.shape[0]),
-                                  patch=resolve_patch(o["patch"], tuple(images.shape[1:])),
-                                  dequantized=bool(dequantize), seed=o["seed"],
-                                  target_kl=None if config.beta is not None else float(config.target_kl),
-                                  epochs=trained["epochs"], epochs_planned=int(config.epochs),
-                                  complete=trained["epochs"] >= config.epochs,
-                                  train_seconds=trained["train_seconds"])
+        face_ref = dict(faces.face_reference(images[:cfg.face_images], net), net=net)
+    truth = getattr(dataset, "ground_truth", None)
+    common = dict(num_samples=cfg.num_samples, batch_size=cfg.batch_size, patch=cfg.patch, seed=cfg.seed,
+                  dequantize=dequantize, bits=bpd_bits(bits), face_reference=face_ref, face_images=cfg.face_images,
+                  true_factor=truth["cov_factor"] if isinstance(truth, dict) and "cov_factor" in truth else None)
+    result = _header(trained, model, split, images, cfg, dequantize, bits)
     result.update(_calibration_keys(calibration))
     if face_ref is not None:
         result.update({key: value for key, value in face_ref.items() if key not in ("features", "net")})
     # the training images: their mean fills the hidden pixels of real inpainting; they also fit the PPCA baseline
-    train_options: dict[str, Any] = dict(max_items=min(o["pca_train_items"], config.max_items or o["pca_train_items"]))
-    train_set = load_dataset(config.dataset, "train", image_size=config.image_size, root=root, augment=False,
-                             **train_options)
-    train_images = stack_images(train_set, train_options["max_items"])
+    n_train = min(cfg.pca_train_items, trained["config"].max_items or cfg.pca_train_items)
+    train_images = stack_images(run.dataset("train", n_train, root=cfg.root, augment=False), n_train)
     common["fill"] = train_images.mean(0)
-    result.update(evaluate_model(model, images, k=o["k"], progress=o["progress"],
+    result.update(evaluate_model(model, images, k=cfg.k, progress=cfg.progress,
                                  diag_scale=None if calibration is None else calibration.scale, **common))
-    if o["pca"]:
-        rank = int(model.rank) if model.rank > 0 else int(config.rank)
-        if train_images.shape[0] < 2:  # a covariance needs two images
-            result["pca_skipped"] = (f"the PPCA baseline needs at least 2 training images; the run has "
-                                     f"{train_images.shape[0]}")
-            warnings.warn(f"pca: skipped, {result['pca_skipped']}", RuntimeWarning, stacklevel=2)
-        else:
-            rank = min(rank, min(train_images.shape[0], math.prod(train_images.shape[1:])) - 1)
-            fit = fit_pca(train_images.reshape(train_images.shape[0], -1).to(device), rank, seed=o["seed"])
-            base = evaluate_pca(fit, images, **common)
-            result.update({f"pca_{key}": value for key, value in base.items()})
-            result["pca_rank"] = rank
+    if cfg.pca:
+        result.update(_pca_keys(model, trained["config"], train_images, images, device, cfg.seed, common))
     result["eval_seconds"] = time.perf_counter() - start_time
-    if o["write"]:
-        atomic_write_json(run_dir / f"eval_{split}.json", result)
+    if cfg.write:
+        run.write_evaluation(split, result)
     return result
 
 
-def _trained(run_dir: Path) -> dict[str, Any]:
-    """The epochs and training seconds of the checkpoint in ``run_dir`` (verified by `load_run` just before; its
-    tensors are memory-mapped, not read). summary.json is not used: it describes the last finished training, which
-    a later ``--resume`` to more epochs may have outgrown."""
-    from .checkpoint import CHECKPOINT
+def evaluate_runs(runs: Iterable[Run | str | os.PathLike], config: EvalConfig | None = None, *,
+                  force: bool = False, required: tuple[str, ...] = (), **overrides: Any) -> list[dict[str, Any]]:
+    """`evaluate` on the test split each finished run of ``runs`` (`Run.state` "complete"; others are skipped)
+    whose stored evaluation is not current (`Run.current_evaluation`: missing, older than the checkpoint, or without
+    a key of ``required``), every one with ``force``; returns the results, fresh or read back, in order."""
+    cfg = _eval_config(config, overrides)
+    out = []
+    for run in map(Run, runs):
+        if run.state() != "complete":
+            continue
+        cached = None if force else run.current_evaluation("test", required)
+        out.append(cached if cached is not None else evaluate(run, "test", cfg))
+    return out
 
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", mmap=True, weights_only=False)
-    return dict(epochs=int(state["epoch"]), train_seconds=state.get("train_seconds"))
+
+def _eval_config(config: Any, overrides: dict[str, Any]) -> EvalConfig:
+    """``config`` (an EvalConfig, or None: the defaults) with ``overrides`` (each field checked and named)."""
+    if config is not None and not isinstance(config, EvalConfig):
+        raise TypeError(f"config: must be an EvalConfig (sosvae_lib.config) or None, got {type(config).__name__}")
+    return (config or EvalConfig()).replace(**overrides)
+
+
+def _existing_run(run: Any) -> Run:
+    """``run`` as a `Run` whose folder exists; else FileNotFoundError naming it."""
+    run = Run(run)
+    if not run.folder.is_dir():
+        raise FileNotFoundError(f"run_dir: {run.folder} is not a directory; give the --out folder of a training run")
+    return run
+
+
+def _dequantize(asked: bool | None, trained: bool, bits: int | None) -> bool:
+    """Whether the scored images are dequantised: as the run was trained (``asked`` None) or as ``asked``, and
+    only quantised data (``bits`` not None, `sosvae_lib.runs.data_bits`); continuous data asked to be dequantised
+    is a ValueError naming ``dequantize``."""
+    if asked and bits is None:
+        raise ValueError("dequantize: the run's data are continuous (not quantised images); dequantisation applies "
+                         "to 8- and 16-bit images only, use dequantize=None or False")
+    return bool(trained and bits is not None) if asked is None else asked
+
+
+def _header(trained: dict[str, Any], model: torch.nn.Module, split: str, images: torch.Tensor, cfg: EvalConfig,
+            dequantize: bool, bits: int | None) -> dict[str, Any]:
+    """The keys that describe what was evaluated (run, checkpoint, settings); warns when the training was not
+    finished."""
+    config, epochs = trained["config"], trained["epochs"]
+    if epochs < config.epochs:
+        warnings.warn(f"run_dir: {trained['folder']} holds the checkpoint after epoch {epochs} of {config.epochs} "
+                      f"(training incomplete); the numbers describe that checkpoint (recorded as epochs {epochs}, "
+                      f"complete false)", RuntimeWarning, stacklevel=3)
+    return dict(dataset=config.dataset, head=config.head, rank=int(model.rank), latent=int(config.latent),
+                split=split, num_images=int(images.shape[0]), patch=resolve_patch(cfg.patch, tuple(images.shape[1:])),
+                dequantized=bool(dequantize), bits=bits, seed=cfg.seed,
+                target_kl=None if config.beta is not None else float(config.target_kl), epochs=epochs,
+                epochs_planned=int(config.epochs), complete=epochs >= config.epochs,
+                train_seconds=trained["train_seconds"])
+
+
+def _pca_keys(model: torch.nn.Module, config: Any, train_images: torch.Tensor, images: torch.Tensor, device: str,
+              seed: int, common: dict[str, Any]) -> dict[str, Any]:
+    """The PPCA baseline of the model's rank (the config's for the pixel-wise head), fitted on ``train_images``:
+    its keys prefixed ``pca_``, or ``pca_skipped`` (with a RuntimeWarning) when there are fewer than 2."""
+    rank = int(model.rank) if has_factor(model) else int(config.rank)
+    if train_images.shape[0] < 2:  # a covariance needs two images
+        skipped = f"the PPCA baseline needs at least 2 training images; the run has {train_images.shape[0]}"
+        warnings.warn(f"pca: skipped, {skipped}", RuntimeWarning, stacklevel=3)
+        return dict(pca_skipped=skipped)
+    rank = min(rank, min(train_images.shape[0], math.prod(train_images.shape[1:])) - 1)
+    fit = fit_pca(train_images.reshape(train_images.shape[0], -1).to(device), rank, seed=seed)
+    out = {f"pca_{key}": value for key, value in evaluate_pca(fit, images, **common).items()}
+    out["pca_rank"] = rank
+    return out
+
+
+def _trained(run: Run) -> dict[str, Any]:
+    """The configuration, epochs and training seconds of the run's checkpoint (verified by `Run.load_model` just
+    before; read here without its tensors). summary.json is not used: it describes the last finished training,
+    which a later ``--resume`` to more epochs may have outgrown."""
+    state = run.checkpoint(verify=False)
+    return dict(config=run.config, epochs=int(state["epoch"]), train_seconds=state.get("train_seconds"),
+                folder=run.folder)
+
+
+def _calibrate(run: Run, model: torch.nn.Module, *, split: str, num_images: int | None, seed: int, batch_size: int,
+               dequantize: bool, bits: int | None, write: bool, root: str | None = None,
+               bounds: tuple[float, float] | None = None) -> Calibration:
+    """Fit the diagonal scale of ``model`` (the run's) on the first ``num_images`` images of ``split``
+    (`sosvae_lib.calibration.calibrate_model`, noise seeded by ``seed``); store it in the run when ``write``."""
+    device = next(model.parameters()).device
+    images = run.images(split, num_images, root=root).to(device)
+    cal = calibrate_model(model, images, batch_size=batch_size, dequantize=dequantize, bits=bits,
+                          generator=torch.Generator().manual_seed(seed), bounds=bounds)
+    if write:
+        run.write_calibration(cal, split=split, seed=seed)
+    return cal
+
+
+def calibrate_run(run: Run | str | os.PathLike, split: str = "val", num_images: int | None = 200, seed: int = 0,
+                  batch_size: int = 50, device: str = "cpu", write: bool = True,
+                  bounds: tuple[float, float] | None = None, root: str | os.PathLike | None = None) -> Calibration:
+    """Load a training run, fit its diagonal scale on ``num_images`` images of ``split`` (None: all; dequantised as
+    trained, quantised data only, at their bits, noise seeded by ``seed``) and store it in the run
+    (`sosvae_lib.runs.Run.write_calibration`, if ``write``). ``root``: the data folder (None: the run's
+    ``TrainConfig.root``; give it when the data moved). Every argument is checked before the run is read."""
+    if split not in SPLITS:
+        raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_int("num_images", num_images, 1, allow_none=True)
+    check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 1)
+    if bounds is not None:
+        check_search(bounds, 33, 1e-4)
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root: must be a folder (str or Path) or None, got {type(root).__name__}")
+    run = _existing_run(run)
+    model = run.load_model(str(resolve_device(device)))
+    bits = run.data_bits(root)
+    return _calibrate(run, model, split=split, num_images=num_images, seed=seed, batch_size=batch_size,
+                      dequantize=_dequantize(None, run.config.dequantize, bits), bits=bits, write=write,
+                      root=None if root is None else os.fspath(root), bounds=bounds)
 
 
 def _calibration_keys(cal: Calibration | None) -> dict[str, Any]:
@@ -518,43 +558,49 @@ def _calibration_keys(cal: Calibration | None) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = EvalConfig()
     p = argparse.ArgumentParser(prog="python -m sosvae_lib.evaluate",
-                                description="Evaluate a training run; print and write RUN_DIR/eval_<split>.json.")
+                                description="Evaluate a training run; print the results and store them in the run.")
     p.add_argument("run_dir", help="output folder of `python -m sosvae_lib.train`")
     p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--k", type=int, default=DEFAULTS["k"], help="importance samples of the IWAE bound")
-    p.add_argument("--num-images", type=int, default=DEFAULTS["num_images"],
-                   help="test images scored (0 = the whole split)")
-    p.add_argument("--num-samples", type=int, default=None, help="prior draws (default: as many as images)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--patch", type=int, default=DEFAULTS["patch"],
+    p.add_argument("--preset", choices=EVAL_PRESETS,
+                   help="the reproduction's settings of a scale (smoke, cpu, gpu, paper); flags given replace them")
+    p.add_argument("--k", type=int, help=f"importance samples of the IWAE bound (default {d.k})")
+    p.add_argument("--num-images", type=int, help=f"test images scored, 0 = the whole split (default {d.num_images})")
+    p.add_argument("--num-samples", type=int, help="prior draws (default: as many as images)")
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--patch", type=int,
                    help="side of the revealed inpainting square (default: 10, capped at half the image's side)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--no-pca", action="store_true", help="skip the PPCA baseline")
-    p.add_argument("--pca-train-items", type=int, default=DEFAULTS["pca_train_items"])
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--pca", action=argparse.BooleanOptionalAction, default=None,
+                   help="score the PPCA baseline (default on; --no-pca skips it)")
+    p.add_argument("--pca-train-items", type=int, help=f"default {d.pca_train_items}")
     p.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--no-calibrate", action="store_true", help="skip the calibration of the diagonal on the val split")
-    p.add_argument("--calibration-images", type=int, default=None, help="val images for the calibration")
-    p.add_argument("--no-faces", action="store_true", help="skip the face metrics (3-channel data, facenet-pytorch)")
-    p.add_argument("--face-images", type=int, default=DEFAULTS["face_images"],
-                   help="images given to the face detector")
-    p.add_argument("--device", default=DEFAULTS["device"])
-    p.add_argument("--root", default=None,
-                   help="data folder (default: the one the run was trained on; give it when the data moved)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate the diagonal on the val split (default on; --no-calibrate skips it)")
+    p.add_argument("--calibration-images", type=int, help="val images for the calibration")
+    p.add_argument("--faces", action=argparse.BooleanOptionalAction, default=None,
+                   help="face metrics (3-channel data, facenet-pytorch; default on; --no-faces skips them)")
+    p.add_argument("--face-images", type=int, help=f"images given to the face detector (default {d.face_images})")
+    p.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default {d.device})")
+    p.add_argument("--root", help="data folder (default: the one the run was trained on; give it when the data moved)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The EvalConfig the command line describes: the preset (or the defaults) with every flag given on top
+    (``--num-images 0``: the whole split)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("run_dir", "split", "preset") and v is not None}
+    if given.get("num_images") == 0:
+        given["num_images"] = None
+    return EvalConfig.preset(args.preset, **given) if args.preset else EvalConfig().replace(**given)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = evaluate(args.run_dir, split=args.split, k=args.k,
-                          num_images=None if args.num_images == 0 else args.num_images,
-                          num_samples=args.num_samples, batch_size=args.batch_size, patch=args.patch,
-                          seed=args.seed, pca=not args.no_pca, pca_train_items=args.pca_train_items,
-                          dequantize=args.dequantize, device=args.device, progress=not args.no_progress,
-                          calibrate=not args.no_calibrate, calibration_images=args.calibration_images,
-                          faces=not args.no_faces, face_images=args.face_images, root=args.root)
+        result = evaluate(args.run_dir, split=args.split, config=config_from_args(args))
     except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from torch.distributions import Normal, kl_divergence
 
 from .config import ARCHS, TrainConfig, check_rank
 from .encoder import AuthorsEncoder, Encoder
-from .heads import make_head
+from .heads import head_spec, make_head
 from .trunk import AuthorsDecoderTrunk, DecoderTrunk
 
 
@@ -25,8 +25,8 @@ class VAE(nn.Module):
     Args:
         image_shape: (C, H, W) of the images.
         latent: size of z.
-        head: ``lowrank`` | ``lowrank-diag`` | ``diagonal``.
-        rank: R, columns of P (ignored by ``diagonal``); 1 <= R < D.
+        head: a registered head (`sosvae_lib.heads.head_names`): ``lowrank`` | ``lowrank-diag`` | ``diagonal`` | ...
+        rank: R, columns of P (ignored by a head without a factor, e.g. ``diagonal``); 1 <= R < D.
         width, levels, max_width: trunk and encoder widths (see `sosvae_lib.trunk.stage_widths`).
         arch: ``resnet`` (this project's light ResNet, `sosvae_lib.trunk.DecoderTrunk`) or ``authors`` (the
             authors' network, `sosvae_lib.trunk.AuthorsDecoderTrunk`; theirs is width 64, levels 3, max_width 512).
@@ -45,7 +45,7 @@ class VAE(nn.Module):
         if min(h, w) < 2 ** levels:
             raise ValueError(f"image_size: {h}x{w} is too small for a trunk with levels={levels} "
                              f"(needs at least {2 ** levels} pixels per side); use a larger image_size or fewer levels")
-        if head != "diagonal":
+        if head_spec(head).has_factor:  # a registered head; R is a dimension of the model only with a factor
             check_rank(rank, c * h * w)
         self.image_shape = (c, h, w)
         self.latent_dim = latent

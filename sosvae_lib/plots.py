@@ -4,8 +4,10 @@ Variational Autoencoders", TMLR 2022), each a function that returns a `matplotli
 - `samples_figure`: the paper's six rows for prior draws — μ; a sample y; y − μ; the variance map diag Σ; Σ₊^(i)
   and Σ₋^(i), the positive and negative parts of the covariance row of one pixel i on the object — one block per
   model (``lowrank`` beside ``diagonal``).
-- `editor_figure`: the interactive editor — dark strokes on a mean propagated by Gaussian conditioning (before /
-  after / change), and completions sampled given a revealed 10×10 patch.
+- `editor_figure`: the editor — dark strokes on a mean propagated by Gaussian conditioning (before / after /
+  change), and completions sampled given a revealed 10×10 patch (`sosvae_lib.editing.edit_panels`).
+- `session_figure`: the editor's API applied by script (`sosvae_lib.editing.scripted_session`): μ, each stroke
+  propagated and its change, conditional samples.
 - `sweeps_figure`: each column of P, or each principal direction of P Pᵀ, swept from −3 to +3 standard deviations.
 - `interpolation_figure`: lerp and slerp between two latent codes, means and samples with fixed observation noise.
 - `training_curves_figure`: NLL, KL against its target, and λ per epoch.
@@ -13,13 +15,13 @@ Variational Autoencoders", TMLR 2022), each a function that returns a `matplotli
 - `save_figure`: writes .png and .pdf atomically.
 
 Figure functions accept either a model (``.decode``, ``.latent_dim``, ``.image_shape``) or the precomputed result
-of the matching `sosvae_lib.components` function, so a notebook can record the numbers it shows (``.summary()``)
-from the very tensors it plots. Figures are built without pyplot (no global state, nothing left open).
+of the matching `sosvae_lib.components` or `sosvae_lib.editing` function, so a notebook can record the numbers it
+shows (``.summary()``) from the very tensors it plots. Figures are built without pyplot (no global state, nothing
+left open).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -32,7 +34,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from . import components as C
-from .checkpoint import atomic_write_bytes
+from ._io import atomic_write_bytes
+from .heads import head_names, head_spec
+from .editing import Completions, EditorSession, EditResult
 
 Shape = tuple[int, int, int]
 FORMATS = ("png", "pdf")
@@ -195,12 +199,35 @@ def samples_figure(models: Mapping[str, Any], n: int = 10, seed: int = 0, pixel:
 # The editor
 # -------------------------------------------------------------------------------------------------------------
 
-def editor_figure(edits: Mapping[str, tuple[C.EditResult, C.Completions]]) -> Figure:
-    """The editor figure, two rows per model. Row 1: μ; μ after the first dark stroke (outlined red), propagated
+def _stroke_panels(axes: Sequence[Any], e: EditResult, strokes: int, scale: float) -> None:
+    """μ, then for each of the first ``strokes`` strokes of ``e`` the propagated image (painted pixels outlined
+    red) and the change it caused outside the painted pixels, on a diverging scale ±``scale`` (outlined black):
+    1 + 2·strokes axes."""
+    shape = e.image_shape
+    _show(axes[0], _image(e.before, shape))
+    axes[0].set_title("μ", fontsize=7)
+    for s in range(min(strokes, e.after.shape[0])):
+        ax_img, ax_change = axes[1 + 2 * s], axes[2 + 2 * s]
+        _show(ax_img, _image(e.after[s], shape))
+        _outline(ax_img, e.masks[s], shape)
+        ax_img.set_title(f"stroke {s + 1} → propagated", fontsize=7)
+        a, kw = _signed(e.change[s].masked_fill(e.masks[s], 0.0), shape, scale)  # the stroke is not "propagated"
+        _show(ax_change, a, **kw)
+        _outline(ax_change, e.masks[s], shape, color="k")
+        ax_change.set_title(f"change (±{scale:.2g})", fontsize=7)
+
+
+def _change_scale(e: EditResult) -> float:
+    return max(_robust_max(e.change, 1.0), 1 / 255)
+
+
+def editor_figure(edits: Mapping[str, tuple[EditResult, Completions]]) -> Figure:
+    """The editing figure, two rows per model. Row 1: μ; μ after the first dark stroke (outlined red), propagated
     by conditioning; the change it caused; after a second stroke elsewhere; the cumulative change. Row 2: the true
     image with the revealed 10×10 patch outlined; μ; the conditional mean given the patch; completions sampled from
-    the conditional. ``edits`` maps a label to (`components.edit_strokes`, `components.patch_completions`) results.
-    For a pixel-wise independent model the change outside the strokes is exactly zero."""
+    the conditional. ``edits`` maps a label to `editing.edit_panel` results (`editing.edit_strokes`,
+    `editing.patch_completions`). For a pixel-wise independent model the change outside the strokes is exactly
+    zero."""
     if not edits:
         raise ValueError("edits: need at least one model")
     n_samples = max(c.samples.shape[0] for _, c in edits.values())
@@ -212,19 +239,7 @@ def editor_figure(edits: Mapping[str, tuple[C.EditResult, C.Completions]]) -> Fi
         axes = sub.subplots(2, cols, squeeze=False, gridspec_kw=dict(wspace=0.05, hspace=0.18))
         for ax in axes.flat:
             _blank(ax)
-        scale = max(_robust_max(e.change, 1.0), 1 / 255)
-        _show(axes[0, 0], _image(e.before, shape))
-        axes[0, 0].set_title("μ", fontsize=7)
-        for s in range(min(2, e.after.shape[0])):
-            col = 1 + 2 * s
-            _show(axes[0, col], _image(e.after[s], shape))
-            _outline(axes[0, col], e.masks[s], shape)
-            axes[0, col].set_title(f"stroke {s + 1} → propagated", fontsize=7)
-            change = e.change[s].masked_fill(e.masks[s], 0.0)  # the stroke itself is not "propagated"
-            a, kw = _signed(change, shape, scale)
-            _show(axes[0, col + 1], a, **kw)
-            _outline(axes[0, col + 1], e.masks[s], shape, color="k")
-            axes[0, col + 1].set_title(f"change (±{scale:.2g})", fontsize=7)
+        _stroke_panels(axes[0], e, 2, _change_scale(e))
         c, h, w = shape
         grid = comp.mask.reshape(c, h, w)[0]
         rows, cols_ = grid.any(1).nonzero().flatten(), grid.any(0).nonzero().flatten()
@@ -238,6 +253,31 @@ def editor_figure(edits: Mapping[str, tuple[C.EditResult, C.Completions]]) -> Fi
                 axes[1, j].add_patch(Rectangle((int(cols_[0]) - 0.5, int(rows[0]) - 0.5), len(cols_), len(rows),
                                                fill=False, edgecolor="#ff2d2d", linewidth=1.0))
         sub.suptitle(name, fontsize=9)
+    return fig
+
+
+def session_figure(sessions: Mapping[str, EditorSession]) -> Figure:
+    """The scripted editor session (`editing.scripted_session`, notebooks/06_editor.ipynb), one row per model: μ;
+    after each stroke (outlined) the propagated image and the change it caused outside the strokes (cumulative);
+    samples from p(x | strokes), the painted pixels outlined."""
+    if not sessions:
+        raise ValueError("sessions: need at least one model")
+    n_strokes = max(s.edit.after.shape[0] for s in sessions.values())
+    n_samples = max(s.samples.shape[0] for s in sessions.values())
+    cols = 1 + 2 * n_strokes + n_samples
+    fig = _grid(len(sessions), cols, cell=1.05, extra_h=0.3)
+    axes = fig.subplots(len(sessions), cols, squeeze=False, gridspec_kw=dict(wspace=0.05, hspace=0.25))
+    for row, (name, s) in zip(axes, sessions.items()):
+        for ax in row:
+            _blank(ax)
+        e = s.edit
+        _stroke_panels(row, e, e.after.shape[0], _change_scale(e))
+        row[0].set_ylabel(name, fontsize=8)
+        for j in range(s.samples.shape[0]):
+            ax = row[1 + 2 * n_strokes + j]
+            _show(ax, _image(s.samples[j], e.image_shape))
+            _outline(ax, e.masks[-1], e.image_shape)
+            ax.set_title(f"sample {j + 1}", fontsize=7)
     return fig
 
 
@@ -306,19 +346,10 @@ def interpolation_figure(models: Mapping[str, Any], steps: int = 8, seed: int = 
 # -------------------------------------------------------------------------------------------------------------
 
 def load_history(run_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """The per-epoch rows of ``run_dir/metrics.csv`` (written by `sosvae_lib.train`) as dicts of floats."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"run_dir: no metrics.csv in {run_dir}; train a run there first")
-    with path.open(newline="") as f:
-        return [{k: _float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
+    """The per-epoch metric rows of the run in ``run_dir`` (written by `sosvae_lib.train`) as dicts of floats
+    (`sosvae_lib.runs.Run.history`)."""
+    from .runs import Run
+    return Run(run_dir).history()
 
 
 def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, float]] | str | os.PathLike]) -> Figure:
@@ -356,13 +387,26 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
+PCA_STYLE = dict(label="pca", marker="^", ls=":")  # the PPCA baseline's rows (head "pca"), not a registered head
+
+
+def _rank_styles() -> tuple[list[tuple[str, str, dict]], list[tuple[str, str, dict]]]:
+    """([(head, label, line style)] of the curves against the rank: the heads with a factor in table order, then
+    the PPCA baseline; [(head, label, line style)] of the horizontal lines: the heads without a factor)."""
+    specs = [head_spec(h) for h in head_names()]
+    curves = [(s.name, s.label, dict(s.style)) for s in specs if s.has_factor]
+    curves.append(("pca", PCA_STYLE["label"], {k: v for k, v in PCA_STYLE.items() if k != "label"}))
+    return curves, [(s.name, s.label, dict(s.style)) for s in specs if not s.has_factor]
+
+
 RANK_PANELS = (("test_nll_bpd", "test NLL (bits/dim)"), ("residual_corr_samples", "lag-1 corr. of y − μ"),
                ("span_capture", "span capture of x − μ(x)"))
 
 
 def metrics_vs_rank_figure(rows: Iterable[Mapping[str, Any]]) -> Figure:
     """Test NLL, the lag-1 spatial correlation of sample residuals and the span capture against the rank R, one
-    colour per dataset: ``lowrank`` (and ``lowrank-diag``) as lines with markers, the PPCA baseline (head ``pca``)
+    colour per dataset, each head drawn with its registered label and style (`sosvae_lib.heads.HeadSpec`): ``lowrank``
+    (and ``lowrank-diag``, any head with a factor) as lines with markers, the PPCA baseline (head ``pca``)
     dotted, the pixel-wise ``diagonal`` model as a dashed horizontal line, and, on the correlation panel, the
     correlation of the data residuals x − μ(x) (grey band over the lowrank runs) the samples should match."""
     rows = [dict(r) for r in rows]
@@ -371,10 +415,11 @@ def metrics_vs_rank_figure(rows: Iterable[Mapping[str, Any]]) -> Figure:
     datasets = sorted({r["dataset"] for r in rows})
     fig = Figure(figsize=(11, 3.2), layout="constrained")
     axes = fig.subplots(1, len(RANK_PANELS))
+    curves, flat = _rank_styles()
+    band_head = curves[0][0]  # the data-residual band sits over the first head with a factor (the paper's lowrank)
     for color, ds in zip(_colors(len(datasets)), datasets):
         mine = [r for r in rows if r["dataset"] == ds]
-        for head, style in (("lowrank", dict(marker="o", ls="-")), ("lowrank-diag", dict(marker="s", ls="-.")),
-                            ("pca", dict(marker="^", ls=":"))):
+        for head, name, style in curves:
             pts = sorted((int(r["rank"]), r) for r in mine if r["head"] == head and int(r["rank"]) > 0)
             if not pts:
                 continue
@@ -382,17 +427,18 @@ def metrics_vs_rank_figure(rows: Iterable[Mapping[str, Any]]) -> Figure:
                 xs = [k for k, r in pts if _finite(r.get(key))]
                 ys = [float(r[key]) for k, r in pts if _finite(r.get(key))]
                 if xs:
-                    ax.plot(xs, ys, color=color, label=f"{ds} {head}", **style)
-            if head == "lowrank":
+                    ax.plot(xs, ys, color=color, label=f"{ds} {name}", **style)
+            if head == band_head:
                 data_corr = [float(r["residual_corr_data"]) for _, r in pts if _finite(r.get("residual_corr_data"))]
                 if data_corr:
                     axes[1].axhspan(min(data_corr), max(data_corr) + 1e-3, color=color, alpha=0.15, lw=0)
-        for r in mine:
-            if r["head"] == "diagonal":
+        for head, name, style in flat:
+            for r in (r for r in mine if r["head"] == head):
                 for ax, (key, _) in zip(axes, RANK_PANELS):
                     if _finite(r.get(key)):
-                        ax.axhline(float(r[key]), color=color, ls="--", lw=1.0, label=f"{ds} diagonal")
-    ranks = sorted({int(r["rank"]) for r in rows if r["head"] != "diagonal" and _finite(r.get("rank"))
+                        ax.axhline(float(r[key]), color=color, label=f"{ds} {name}", **style)
+    flat_heads = {head for head, _, _ in flat}
+    ranks = sorted({int(r["rank"]) for r in rows if r["head"] not in flat_heads and _finite(r.get("rank"))
                     and int(r["rank"]) > 0})
     for ax, (_, label) in zip(axes, RANK_PANELS):
         ax.set_xscale("log")

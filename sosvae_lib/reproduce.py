@@ -2,12 +2,14 @@
 Uncertainty in the Observation Space of Variational Autoencoders", TMLR 2022).
 
     python -m sosvae_lib.reproduce --scale smoke|cpu|gpu|paper [--only NAMES] [--force] [--celeba-root PATH]
-        [--folder-root PATH] [--out DIR] [--cell-timeout S]
+        [--folder-root PATH] [--out DIR] [--cell-timeout S] [--device auto|cpu|cuda|cuda:N]
 
 For the chosen scale (`plan`) it trains each variant by executing ``notebooks/01_train.ipynb`` with papermill (a
 finished run is reused unless ``--force``; an interrupted one is resumed), evaluates it (`sosvae_lib.evaluate`),
 executes ``02_samples``, ``03_editing``, ``04_components`` and ``06_editor`` (the editor widget; headless, its two
-scripted strokes) for every dataset and ``05_metrics`` once, and writes
+scripted strokes) for every dataset and ``05_metrics`` once (a notebook already executed with the same parameters
+after its runs last changed is kept, `notebook_done`, so an interrupted command resumes where it stopped), and
+writes
 
     <out>/<scale>/figures/*.png, *.pdf  (and the numbers each notebook recorded, *.json)
     <out>/<scale>/tables/metrics.csv, metrics.md, metrics.json
@@ -18,12 +20,25 @@ scripted strokes) for every dataset and ``05_metrics`` once, and writes
 A dataset whose data is absent is skipped with one line saying where it was looked for; a failing step is reported
 and the rest goes on (the exit status is then 1). Data locations: ``--celeba-root`` (else ``$SOSVAE_CELEBA``, else
 ``./data/celeba``, ``~/data/celeba``, ``../shared/data/celeba`` next to the project), ``--folder-root`` (a folder
-of grayscale images standing in for the paper's brain MRI; its variants run only when given).
+of grayscale images standing in for the paper's brain MRI; its variants run only when given). The folder each
+dataset was found in is passed on absolute and resolved (`find_data`): the notebooks' kernels run in
+``<out>/<scale>``, where a relative path would point elsewhere.
+
+``--device`` (default: the plan's, ``auto``) goes into every training configuration and the evaluation. ``gpu``
+and ``paper`` refuse to start without a usable CUDA device unless ``--device cpu`` is given (`check_device`).
+Exit status: 0 done, 1 a step failed, 2 a usage error (one line on stderr, before anything is written), 130
+interrupted (Ctrl-C; rerunning the same command resumes: finished runs are reused, an interrupted one resumed).
+
+For tests only: ``reproduce(..., shrink=True)`` (the undocumented flag ``--shrink-for-tests``) runs a scale's plan
+at a tiny size (`shrink_variant`) that keeps each variant's own parameters and their types (tuple image sizes,
+``data_on_device``, the head, rank and latent size), so every variant of the gpu plan goes through papermill on
+the CPU in the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -33,25 +48,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import SUMMARY, atomic_write_json, atomic_write_text, load_run
+from .checkpoint import atomic_write_json, atomic_write_text, check_out_dir
+from .config import USAGE_ERRORS, EvalConfig
+from .heads import has_factor
+from .runs import Run
 from .tables import COLUMNS, format_cell, headline
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = ("01_train", "02_samples", "03_editing", "04_components", "05_metrics", "06_editor")
-# Fields of a run's configuration that may differ from the plan without making the run stale.
-_IGNORED_FIELDS = ("root", "device", "num_workers", "epochs")
-
-# Evaluation options per scale (sosvae_lib.evaluate.evaluate); progress bars off in batch runs.
-EVAL_OPTIONS: dict[str, dict[str, Any]] = {
-    "smoke": dict(k=2, num_images=16, num_samples=16, batch_size=16, patch=6, pca_train_items=32, progress=False),
-    "cpu": dict(k=8, num_images=200, batch_size=50, patch=10, pca_train_items=2000, face_images=64, progress=False),
-    "gpu": dict(k=64, num_images=1000, batch_size=50, patch=10, pca_train_items=5000, device="auto",
-                progress=False),
-    "paper": dict(k=64, num_images=1000, batch_size=25, patch=10, pca_train_items=2000, device="auto",
-                  progress=False),
-}
+# Evaluation settings per scale: `sosvae_lib.config.EvalConfig.preset(scale)`; a run is stale for the plan
+# exactly when `train --resume` would refuse it (`sosvae_lib.runs.Run.state`, `config.RESUMABLE_FIELDS`).
 CELL_TIMEOUT = {"smoke": 300, "cpu": 3600, "gpu": None, "paper": None}
+GPU_SCALES = ("gpu", "paper")  # scales that refuse to start without a usable CUDA device (unless device="cpu")
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,8 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"{self.group}-diagonal" if self.head == "diagonal" else f"{self.group}-{self.head}-r{self.rank}"
+        return (f"{self.group}-{self.head}" if not has_factor(self.head)
+                else f"{self.group}-{self.head}-r{self.rank}")
 
     def config_fields(self, root: str | None = None) -> dict[str, Any]:
         """The TrainConfig.preset keyword arguments of this variant."""
@@ -155,6 +165,30 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
     return out
 
 
+# The tiny size of `shrink_variant` (tests only): the longer image side, training images, epochs, batch and width.
+_SHRINK = dict(side=16, max_items=16, epochs=1, batch_size=8, width=4)
+
+
+def shrink_variant(v: Variant) -> Variant:
+    """``v`` at a tiny size, for tests only (`reproduce(..., shrink=True)`): the longer image side 16 pixels (an
+    int size stays an int, an (H, W) pair stays a pair of about the same aspect), at most 16 training images, one
+    epoch without mean pre-training, batch at most 8, width at most 4. Everything else (dataset, head, rank,
+    latent, data_on_device, device, precision, preset) is the variant's own, with its own types."""
+    c = v.config()
+    side = _SHRINK["side"]
+    size = c.image_size
+    if isinstance(size, tuple):
+        h, w = size
+        size = (side, max(8, round(side * w / h))) if h >= w else (max(8, round(side * h / w)), side)
+    else:
+        size = side
+    tiny = dict(image_size=size, max_items=min(c.max_items or _SHRINK["max_items"], _SHRINK["max_items"]),
+                epochs=_SHRINK["epochs"], pretrain_epochs=0, batch_size=min(c.batch_size, _SHRINK["batch_size"]),
+                width=min(c.width, _SHRINK["width"]))
+    overrides = tuple(sorted({**dict(v.overrides), **tiny}.items()))
+    return dataclasses.replace(v, overrides=overrides, minutes=0.05)
+
+
 def select(variants: Sequence[Variant], only: str | None) -> list[Variant]:
     """The variants named by ``only`` (comma-separated variant names or dataset names; None: all)."""
     if not only:
@@ -171,120 +205,91 @@ def select(variants: Sequence[Variant], only: str | None) -> list[Variant]:
 # Runs: state, reuse, loading
 # -------------------------------------------------------------------------------------------------------------
 
+def find_data(dataset: str, root: str | os.PathLike | None, image_size: Any = None) -> str | None:
+    """The folder ``dataset`` is read from, absolute and resolved: ``root``, or (None) the first folder of the
+    dataset's search path that holds it (see `sosvae_lib.data`); None for a dataset made in memory. Raises the
+    loader's FileNotFoundError / ValueError / OSError when the data is not there.
+
+    The notebooks' kernels run with their working directory in ``<out>/<scale>``: a relative root, or a default
+    found relative to this process's working directory (``./data/celeba``), would point elsewhere there, so the
+    plan's configurations get this absolute folder."""
+    from .data import load_dataset
+    found = load_dataset(dataset, "test", image_size=image_size, root=root, max_items=1).root
+    return None if found is None else str(Path(found).expanduser().resolve())
+
+
 def data_available(dataset: str, root: str | None, image_size: Any = None) -> str | None:
     """None if ``dataset`` can be loaded, else the one-line reason (where its files were looked for)."""
-    from .data import load_dataset
     try:
-        load_dataset(dataset, "test", image_size=image_size, root=root, max_items=1)
+        find_data(dataset, root, image_size)
     except (FileNotFoundError, ValueError, OSError) as err:
         return str(err).splitlines()[0]
     return None
-
-
-def run_state(run_dir: str | os.PathLike, config: Any = None) -> str:
-    """``absent`` (no checkpoint), ``complete`` (finished: summary.json says so and the checkpoint reached the
-    planned epochs), ``partial`` (a checkpoint to resume) or ``stale`` (trained with another configuration than
-    ``config``; fields in ``_IGNORED_FIELDS`` aside)."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not (run_dir / "checkpoint.pt").is_file() or not cfg_path.is_file():
-        return "absent"
-    if config is not None:
-        stored = json.loads(cfg_path.read_text())
-        wanted = config.to_dict()
-        if any(stored.get(k) != wanted[k] for k in wanted if k not in _IGNORED_FIELDS):
-            return "stale"
-        if int(stored.get("epochs", 0)) > int(wanted["epochs"]):  # trained past the plan: cannot be cut back
-            return "stale"
-    summary_path = run_dir / SUMMARY
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("complete") and (config is None or int(summary.get("epochs", -1)) == int(config.epochs)):
-            return "complete"
-    return "partial"
-
-
-def load_or_train(run_dir: str | os.PathLike, train_missing: bool = False, preset: str = "smoke",
-                  **config_fields: Any):
-    """(model in eval mode, TrainConfig) of the run in ``run_dir``. If it holds no finished run and
-    ``train_missing``, train ``TrainConfig.preset(preset, **config_fields)`` there first (so a figure notebook can
-    run on its own); otherwise a missing run is an error naming the directory."""
-    from .config import TrainConfig
-    from .train import train
-
-    run_dir = Path(run_dir)
-    if run_state(run_dir) != "complete":
-        if not train_missing:
-            raise FileNotFoundError(f"run_dir: no finished run in {run_dir}; train it with notebooks/01_train.ipynb "
-                                    f"or `python -m sosvae_lib.train --out {run_dir}` (or set train_missing=True)")
-        train(TrainConfig.preset(preset, **config_fields), run_dir, resume=True, progress=False)
-    return load_run(run_dir)
-
-
-def test_image(config: Any, index: int = 0, split: str = "test"):
-    """Image ``index`` [C, H, W] of ``split`` of the dataset a run was trained on (same size and root)."""
-    from .data import load_dataset
-    data = load_dataset(config.dataset, split, image_size=config.image_size, root=config.root,
-                        max_items=index + 1)
-    if not 0 <= index < len(data):
-        raise ValueError(f"image_index: must be in [0, {len(data)}) for the {split} split of {config.dataset}, "
-                         f"got {index}")
-    item = data[index]
-    return item[0] if isinstance(item, (tuple, list)) else item
-
-
-def evaluate_runs(run_dirs: Sequence[str | os.PathLike], force: bool = False, **eval_options: Any) -> list[dict]:
-    """`sosvae_lib.evaluate.evaluate` each finished run whose ``eval_test.json`` is missing, older than its
-    checkpoint or lacks a column of the table (every one with ``force``); returns the results (fresh or read
-    back)."""
-    from .evaluate import evaluate
-    out = []
-    for d in map(Path, run_dirs):
-        if run_state(d) != "complete":
-            continue
-        path = d / "eval_test.json"
-        cached = None
-        if not force and path.is_file() and path.stat().st_mtime >= (d / "checkpoint.pt").stat().st_mtime:
-            cached = json.loads(path.read_text())
-            if any(k not in cached for k in COLUMNS):
-                cached = None
-        out.append(cached if cached is not None else evaluate(d, "test", **eval_options))
-    return out
-
-
-def ensure_runs(runs_dir: str | os.PathLike, scale: str = "smoke", datasets: Sequence[str] | None = None,
-                **eval_options: Any) -> list[Path]:
-    """Train (in this process) and evaluate every variant of ``plan(scale)`` (of ``datasets``) that ``runs_dir``
-    lacks; returns their run directories. For a notebook run on its own; `main` runs the plan through papermill."""
-    from .train import train
-    dirs = []
-    for v in plan(scale):
-        if datasets is not None and v.dataset not in datasets:
-            continue
-        d = Path(runs_dir) / v.name
-        if run_state(d, v.config()) != "complete":
-            train(v.config(), d, resume=True, progress=False)
-        dirs.append(d)
-    evaluate_runs(dirs, **{**EVAL_OPTIONS[scale], **eval_options})
-    return dirs
 
 
 # -------------------------------------------------------------------------------------------------------------
 # Notebooks
 # -------------------------------------------------------------------------------------------------------------
 
+def check_papermill_parameters(parameters: dict[str, Any], notebook: str = "notebook") -> None:
+    """Raise TypeError naming the parameter unless every value survives papermill's Python translator unchanged:
+    str, bool, int, float, None, and lists and dicts (string keys) of those. papermill writes anything else as
+    its string (``(109, 89)`` becomes ``"(109, 89)"``), which the notebook would then receive."""
+    def bad(value: Any) -> str | None:
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return None
+        if isinstance(value, list):
+            return next((b for b in map(bad, value) if b), None)
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                return "a dict with a key that is not a string"
+            return next((b for b in map(bad, value.values()) if b), None)
+        return f"a {type(value).__name__} ({value!r})"
+
+    for key, value in parameters.items():
+        problem = bad(value)
+        if problem:
+            raise TypeError(f"parameters: {notebook} parameter {key!r} holds {problem}, which papermill would pass "
+                            f"as a string; give str, int, float, bool, None, or lists and dicts of them")
+
+
 def execute_notebook(name: str, output: Path, parameters: dict[str, Any], cwd: Path,
                      cell_timeout: int | None) -> None:
-    """Execute ``notebooks/<name>.ipynb`` with papermill into ``output`` (the executed copy)."""
+    """Execute ``notebooks/<name>.ipynb`` with papermill into ``output`` (the executed copy), in the working
+    directory ``cwd``, with at most ``cell_timeout`` seconds per cell (None: no limit). ``parameters`` must be
+    values papermill carries unchanged (`check_papermill_parameters`)."""
     import papermill
 
+    check_papermill_parameters(parameters, name)
     source = NOTEBOOKS_DIR / f"{name}.ipynb"
     if not source.is_file():
         raise FileNotFoundError(f"notebook: {source} is missing; run from a checkout of the repository")
     output.parent.mkdir(parents=True, exist_ok=True)
+    # The kernel's own log (its stderr is this process's) is silenced: a failing cell is reported by papermill and
+    # kept in the executed notebook, while the kernel would print an unencrypted-TCP warning at every start and a
+    # traceback of the interrupted cell when Ctrl-C stops the command.
     papermill.execute_notebook(str(source), str(output), parameters=parameters, kernel_name="python3",
                                cwd=str(cwd), execution_timeout=cell_timeout, progress_bar=False,
-                               log_output=False, request_save_on_cell_execute=False)
+                               log_output=False, request_save_on_cell_execute=False,
+                               extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+
+
+def notebook_done(executed: Path, parameters: dict[str, Any], inputs: Sequence[Path] = ()) -> bool:
+    """True when ``executed`` is a notebook papermill ran to the end without an error, with these ``parameters``,
+    after every file of ``inputs`` that exists was last written (the runs' checkpoints and evaluations). A
+    resumed `reproduce` then keeps it instead of running it again; an interrupted execution leaves no file."""
+    try:
+        nb = json.loads(executed.read_text())
+        meta = nb["metadata"]["papermill"]
+        finished = executed.stat().st_mtime
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if meta.get("exception") or not meta.get("end_time") or meta.get("parameters") != parameters:
+        return False
+    if any(c.get("metadata", {}).get("papermill", {}).get("status") != "completed"
+           for c in nb.get("cells", []) if c.get("cell_type") == "code"):
+        return False
+    return all(finished >= p.stat().st_mtime for p in map(Path, inputs) if p.is_file())
 
 
 def _error_line(err: BaseException) -> str:
@@ -349,12 +354,14 @@ def write_readme(scale_dir: Path, scale: str, status: dict[str, Any]) -> Path:
     rows_path = scale_dir / "tables" / "metrics.json"
     if rows_path.is_file():
         keys = ("test_nll_bpd", "residual_corr_samples", "residual_corr_data", "span_capture",
-                "inpaint_rmse_uncond", "inpaint_rmse_cond")
+                "real_inpaint_rmse_top_half", "real_inpaint_rmse_top_half_train_mean", "correction_rmse_uncond",
+                "correction_rmse_cond")
         lines += ["", "## Headline: lowrank against diagonal", "",
                   "Per dataset, the lowrank run of the largest rank, the pixel-wise model and the PPCA baseline of "
                   "that rank. SOS-VAE's claims predict: residual correlation of samples close to that of the data "
-                  "(diagonal ≈ 0), span capture well above R/D, and a lower inpainting RMSE once the patch is "
-                  "revealed (unchanged for diagonal).", "",
+                  "(diagonal ≈ 0), span capture well above R/D, and a lower inpainting RMSE once pixels are "
+                  "revealed (unchanged for diagonal). real_inpaint: the hidden pixels never reach the model (training "
+                  "mean beside it); correction: the paper's protocol, z from the whole image.", "",
                   "| dataset | model | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
         for ds, entry in headline(json.loads(rows_path.read_text())).items():
             for model in ("lowrank", "diagonal", "pca"):
@@ -389,21 +396,62 @@ class _Log:
         print(f"[{int(t // 60):3d}:{int(t % 60):02d}] {msg}", flush=True)
 
 
+def check_device(scale: str, device: str | None) -> None:
+    """Raise ValueError (one line) unless ``device`` can run ``scale``: ``gpu`` and ``paper`` need a usable CUDA
+    device unless ``device`` is ``cpu`` (the line names torch's CUDA version and what was found,
+    `sosvae_lib.devices.cuda_problem`); ``cuda`` / ``cuda:N`` must be there and work at any scale; None means the
+    plan's own device (``auto``)."""
+    from .devices import cuda_problem, resolve_device
+
+    if device is not None and not isinstance(device, str):
+        raise TypeError(f"device: must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device not in (None, "auto", "cpu"):
+        resolve_device(device)  # a malformed name, a GPU that is not there or does not work: one ValueError
+    if scale in GPU_SCALES and device != "cpu":
+        problem = cuda_problem()
+        if problem:
+            raise ValueError(f"device: --scale {scale} needs a usable CUDA GPU and {problem}; pass --device cpu "
+                             f"to run it on the CPU anyway")
+
+
+def check_cell_timeout(cell_timeout: Any, name: str = "cell_timeout") -> int | None:
+    """Seconds per notebook cell as papermill takes them: a positive int, or None for no limit (also given as 0).
+    Anything else is one ValueError naming ``name``."""
+    if cell_timeout is None:
+        return None
+    if isinstance(cell_timeout, bool) or not isinstance(cell_timeout, int) or cell_timeout < 0:
+        raise ValueError(f"{name}: must be a whole number of seconds >= 0 (0: no limit), got {cell_timeout!r}")
+    return cell_timeout or None
+
+
 def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None = None, force: bool = False,
               celeba_root: str | None = None, folder_root: str | None = None,
-              cell_timeout: int | None | str = "default") -> dict[str, Any]:
+              cell_timeout: int | None | str = "default", device: str | None = None,
+              shrink: bool = False) -> dict[str, Any]:
     """Run the plan of ``scale`` (see the module docstring); returns the status dict also written to
-    ``<out>/<scale>/reproduce.json``."""
+    ``<out>/<scale>/reproduce.json``.
+
+    ``cell_timeout``: seconds per notebook cell ("default": `CELL_TIMEOUT` of the scale; 0 or None: no limit).
+    ``device``: None keeps the plan's (``auto``), otherwise it replaces the device of every training
+    configuration and of the evaluation. ``shrink`` (tests only): every variant through `shrink_variant`, the
+    smoke evaluation. Bad arguments (`select`, `check_device`, `check_cell_timeout`, an ``out`` that is or lies
+    under a file) raise one error before anything is written."""
     log = _Log()
     variants = select(plan(scale, folder_root), only)
-    timeout = CELL_TIMEOUT[scale] if cell_timeout == "default" else cell_timeout
-    scale_dir = Path(out).resolve() / scale
+    if shrink:
+        variants = [shrink_variant(v) for v in variants]
+    timeout = check_cell_timeout(CELL_TIMEOUT[scale] if cell_timeout == "default" else cell_timeout)
+    check_device(scale, device)
+    scale_dir = check_out_dir(Path(out).expanduser().resolve() / scale, "out")
+    from .evaluate import evaluate_runs
+
+    eval_config = EvalConfig.preset("smoke" if shrink else scale, **({} if device is None else {"device": device}))
     runs_dir, figures_dir, tables_dir, nb_dir = (scale_dir / s for s in ("runs", "figures", "tables", "notebooks"))
     for d in (runs_dir, figures_dir, tables_dir, nb_dir):
         d.mkdir(parents=True, exist_ok=True)
-    roots = {"celeba": celeba_root, "folder": folder_root}
+    roots: dict[str, str | None] = {"celeba": celeba_root, "folder": folder_root}
     status: dict[str, Any] = dict(scale=scale, plan=[v.name for v in variants], skipped=[], failed=[], runs={},
-                                  machine=_machine())
+                                  machine=_machine(), device=device or "plan")
     log(f"scale {scale}: {len(variants)} runs, about {sum(v.minutes for v in variants):.0f} min of training "
         f"({', '.join(v.name for v in variants)}); writing {scale_dir}")
 
@@ -412,9 +460,10 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
     present = []
     for group in groups:
         v0 = next(v for v in variants if v.group == group)
-        reason = data_available(v0.dataset, roots.get(v0.dataset), dict(v0.overrides).get("image_size"))
-        if reason:
-            line = f"{group}: data not found, skipped ({reason})"
+        try:
+            roots[v0.dataset] = find_data(v0.dataset, roots.get(v0.dataset), dict(v0.overrides).get("image_size"))
+        except (FileNotFoundError, ValueError, OSError) as err:
+            line = f"{group}: data not found, skipped ({str(err).splitlines()[0]})"
             log("skip " + line)
             status["skipped"].append(line)
         else:
@@ -425,7 +474,9 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
     for k, v in enumerate(variants, 1):
         run_dir = runs_dir / v.name
         config = v.config(roots.get(v.dataset))
-        state = run_state(run_dir, config)
+        if device is not None:
+            config = config.replace(device=device)
+        state = Run(run_dir).state(config)
         if force or state == "stale":
             if run_dir.exists():
                 log(f"{v.name}: {'--force' if force else 'configuration changed'}: removing {run_dir}")
@@ -439,9 +490,9 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
             log(f"[{k}/{len(variants)}] {v.name}: training ({'resuming' if state == 'partial' else 'new'}, "
                 f"~{v.minutes:g} min) ...")
             t0 = time.perf_counter()
-            params = dict(preset=v.preset, dataset=v.dataset, root=roots.get(v.dataset), head=v.head,
-                          rank=v.rank, overrides=dict(v.overrides), seed=config.seed, out_dir=str(run_dir),
-                          figures_dir=str(figures_dir), figure_name=f"{v.name}_training")
+            # the whole configuration, JSON-safe (an (H, W) size as a list): papermill writes a tuple as a string
+            params = dict(config_fields=config.to_dict(), out_dir=str(run_dir), figures_dir=str(figures_dir),
+                          figure_name=f"{v.name}_training")
             try:
                 execute_notebook("01_train", nb_dir / f"01_train-{v.name}.ipynb", params, scale_dir, timeout)
             except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
@@ -452,11 +503,12 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
                 continue
             entry["state"] = "trained"
             log(f"    {v.name}: trained in {time.perf_counter() - t0:.0f} s")
-        summary = json.loads((run_dir / SUMMARY).read_text())
+        summary = Run(run_dir).summary() or {}
         entry.update(epochs=summary.get("epochs"), train_seconds=summary.get("train_seconds"))
         try:
             t0 = time.perf_counter()
-            result = evaluate_runs([run_dir], force=force or entry["state"] == "trained", **EVAL_OPTIONS[scale])[0]
+            result = evaluate_runs([run_dir], eval_config, force=force or entry["state"] == "trained",
+                                   required=COLUMNS)[0]
             entry["test_nll_bpd"] = result.get("test_nll_bpd")
             log(f"    {v.name}: evaluated ({time.perf_counter() - t0:.0f} s): test NLL "
                 f"{format_cell(result.get('test_nll_bpd'))} bpd, residual corr. samples "
@@ -471,7 +523,7 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
     done = {name for name, r in status["runs"].items() if r["state"] in ("complete", "trained")}
     for ds in present:  # a group: the dataset, or dataset + tag
         mains = [v for v in variants if v.group == ds and v.main and v.name in done]
-        diags = [v for v in variants if v.group == ds and v.head == "diagonal" and v.name in done]
+        diags = [v for v in variants if v.group == ds and not has_factor(v.head) and v.name in done]
         if not mains:
             if any(v.group == ds for v in variants):
                 log(f"{ds}: no finished lowrank run, figures skipped")
@@ -479,13 +531,18 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
         common = dict(lowrank_run=str(runs_dir / mains[0].name),
                       diagonal_run=str(runs_dir / diags[0].name) if diags else None,
                       train_missing=False, dataset=mains[0].dataset, figures_dir=str(figures_dir))
+        inputs = [f for v in (mains[0], *diags[:1]) for f in Run(runs_dir / v.name).files()]
         for nb, extra in (("02_samples", dict(figure_name=f"{ds}_samples")),
                           ("03_editing", dict(figure_name=f"{ds}_editing")),
                           ("04_components", dict(figure_prefix=ds)),
                           ("06_editor", dict(figure_name=f"{ds}_editor"))):
             t0 = time.perf_counter()
+            executed, params = nb_dir / f"{nb}-{ds}.ipynb", {**common, **extra}
+            if not force and notebook_done(executed, params, inputs):
+                log(f"{ds}: {nb} up to date, kept")
+                continue
             try:
-                execute_notebook(nb, nb_dir / f"{nb}-{ds}.ipynb", {**common, **extra}, scale_dir, timeout)
+                execute_notebook(nb, executed, params, scale_dir, timeout)
                 log(f"{ds}: {nb} done ({time.perf_counter() - t0:.0f} s)")
             except Exception as err:  # noqa: BLE001
                 line = f"{ds}: {nb} failed ({_error_line(err)}); see {nb_dir / f'{nb}-{ds}.ipynb'}"
@@ -493,12 +550,15 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
                 status["failed"].append(line)
 
     # 4. the metrics notebook: table and metrics against rank
-    if any((runs_dir / name / "eval_test.json").is_file() for name in done):
+    params = dict(runs_dir=str(runs_dir), train_missing=False, evaluate_missing=False, tables_dir=str(tables_dir),
+                  figures_dir=str(figures_dir))
+    evaluations = [Run(d).eval_path("test") for d in sorted(runs_dir.iterdir()) if d.is_dir()]
+    if not force and notebook_done(nb_dir / "05_metrics.ipynb", params, [p for p in evaluations if p.is_file()]):
+        log("05_metrics up to date, kept")
+    elif any(Run(runs_dir / name).eval_path("test").is_file() for name in done):
         t0 = time.perf_counter()
         try:
-            execute_notebook("05_metrics", nb_dir / "05_metrics.ipynb",
-                             dict(runs_dir=str(runs_dir), train_missing=False, evaluate_missing=False,
-                                  tables_dir=str(tables_dir), figures_dir=str(figures_dir)), scale_dir, timeout)
+            execute_notebook("05_metrics", nb_dir / "05_metrics.ipynb", params, scale_dir, timeout)
             log(f"05_metrics done ({time.perf_counter() - t0:.0f} s): {tables_dir / 'metrics.csv'}")
         except Exception as err:  # noqa: BLE001
             line = f"05_metrics failed ({_error_line(err)}); see {nb_dir / '05_metrics.ipynb'}"
@@ -526,8 +586,14 @@ def _machine() -> str:
     return words
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, as for the other commands (no usage block)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sosvae_lib.reproduce", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m sosvae_lib.reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", default="cpu", choices=SCALES, help="smoke (tests, < 5 min), cpu (≤ 60 min on 2 "
                    "cores), gpu (one GPU, resumable), paper (CelebA 218×178 on a GPU); default cpu")
     p.add_argument("--only", help="comma-separated variant or dataset names of the plan (e.g. orl,celeba-diagonal)")
@@ -538,19 +604,34 @@ def build_parser() -> argparse.ArgumentParser:
                    "planned only when given")
     p.add_argument("--out", default="results", help="output folder (default results/); writes <out>/<scale>/")
     p.add_argument("--cell-timeout", type=int, default=None,
-                   help="seconds per notebook cell (default: 300 smoke, 3600 cpu, none gpu and paper)")
+                   help="seconds per notebook cell, 0 for no limit (default: 300 smoke, 3600 cpu, no limit gpu and "
+                        "paper)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every training and the evaluation (default: the "
+                   "plan's, auto); gpu and paper refuse to start without a usable CUDA device unless it is cpu")
+    p.add_argument("--shrink-for-tests", action="store_true", help=argparse.SUPPRESS)  # tests only: shrink_variant
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Exit status: 0 done; 1 a step failed (the others ran); 2 a usage error (one line on
+    stderr, before anything is written); 130 interrupted (one line; the same command resumes)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    try:  # every argument checked before anything is trained or written
         select(plan(args.scale, args.folder_root), args.only)
-    except ValueError as err:
+        check_cell_timeout(args.cell_timeout, "cell-timeout")
+        check_device(args.scale, args.device)
+        check_out_dir(Path(args.out).expanduser() / args.scale, "out")
+    except USAGE_ERRORS as err:
         parser.error(str(err))
-    status = reproduce(args.scale, args.out, args.only, args.force, args.celeba_root, args.folder_root,
-                       "default" if args.cell_timeout is None else args.cell_timeout)
+    try:
+        status = reproduce(args.scale, args.out, args.only, args.force, args.celeba_root, args.folder_root,
+                           "default" if args.cell_timeout is None else args.cell_timeout, args.device,
+                           shrink=args.shrink_for_tests)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume (finished runs are reused, the interrupted one "
+              "resumed from its last checkpoint)", file=sys.stderr)
+        return 130
     return 1 if status["failed"] else 0
 
 

@@ -1,6 +1,6 @@
 """The metrics table of the SOS-VAE reproduction (Langley et al., "Structured Uncertainty in the Observation
-Space of Variational Autoencoders", TMLR 2022): one row per (dataset, head, rank), gathered from the
-``eval_<split>.json`` files that `sosvae_lib.evaluate.evaluate` writes into each run directory.
+Space of Variational Autoencoders", TMLR 2022): one row per (dataset, head, rank), gathered from the evaluation
+results that `sosvae_lib.evaluate.evaluate` stores in each run folder (`sosvae_lib.runs.Run.evaluation`).
 
 Each evaluated run gives its own row and, from the keys prefixed ``pca_``, a row for the global PPCA baseline of the
 same rank fitted on the same training set (head ``pca``; rows of the same dataset and rank from several runs are
@@ -17,10 +17,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .checkpoint import atomic_write_text
+from ._io import atomic_write_text
+from .heads import head_names, head_spec
+from .runs import Run
 
 # The columns of metrics.csv, in order (issue 6); then the calibration and the inpainting mask families (issue 12);
-# the extra keys below follow them. `sosvae_lib.reproduce` re-evaluates a run whose eval_test.json lacks one of COLUMNS.
+# the extra keys below follow them. `sosvae_lib.reproduce` re-evaluates a run whose test evaluation lacks one of COLUMNS.
 INPAINT_FAMILIES = ("random50", "patch10", "patch10_maxvar", "top_half", "left_half")  # = metrics.INPAINT_FAMILIES
 INPAINT_COLUMNS = tuple(key for f in INPAINT_FAMILIES for key in (
     f"correction_rmse_uncond_{f}", f"correction_rmse_cond_{f}", f"correction_rmse_cond_{f}_cal",
@@ -46,7 +48,18 @@ MARKDOWN_COLUMNS = ("dataset", "head", "rank", "test_nll_bpd", "test_nll_bpd_cal
                     "residual_corr_data", "span_capture", "real_inpaint_rmse_top_half",
                     "real_inpaint_rmse_top_half_train_mean", "real_inpaint_rmse_random50", "correction_rmse_uncond",
                     "correction_rmse_cond", "spectrum_dist_samples", "train_seconds")
-HEAD_ORDER = {"lowrank": 0, "lowrank-diag": 1, "diagonal": 2, "pca": 3}
+
+
+def head_order(head: str) -> int:
+    """Where rows of ``head`` go in the tables: the registered heads in their order (`sosvae_lib.heads.HeadSpec`),
+    then the PPCA baseline (``pca``), then anything else."""
+    last = max(head_spec(h).order for h in head_names())
+    if head == "pca":
+        return last + 1
+    try:
+        return head_spec(head).order
+    except ValueError:  # a row of a head no longer registered (e.g. an old results file)
+        return last + 2
 
 
 def rows_from_eval(result: Mapping[str, Any], run: str = "") -> list[dict[str, Any]]:
@@ -64,21 +77,22 @@ def rows_from_eval(result: Mapping[str, Any], run: str = "") -> list[dict[str, A
 
 
 def collect_rows(run_dirs: Iterable[str | os.PathLike] | str | os.PathLike, split: str = "test") -> list[dict]:
-    """Rows from the ``eval_<split>.json`` of every run directory (a folder of runs or a list of run folders; runs
-    without the file are skipped), deduplicated on (dataset, head, rank) and sorted by dataset, head
+    """Rows from the evaluation on ``split`` of every run folder (a folder of runs or a list of run folders; runs
+    not evaluated are skipped), deduplicated on (dataset, head, rank) and sorted by dataset, head
     (lowrank, lowrank-diag, diagonal, pca) and rank."""
     if isinstance(run_dirs, (str, os.PathLike)):
         root = Path(run_dirs)
         run_dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     seen: dict[tuple, dict] = {}
     for d in run_dirs:
-        path = Path(d) / f"eval_{split}.json"
-        if not path.is_file():
+        run = Run(d)
+        result = run.evaluation(split)
+        if result is None:
             continue
-        for row in rows_from_eval(json.loads(path.read_text()), run=Path(d).name):
+        for row in rows_from_eval(result, run=run.folder.name):
             key = (row["dataset"], row["head"], row["rank"])
             seen.setdefault(key, row)
-    return sorted(seen.values(), key=lambda r: (str(r["dataset"]), HEAD_ORDER.get(str(r["head"]), 9),
+    return sorted(seen.values(), key=lambda r: (str(r["dataset"]), head_order(str(r["head"])),
                                                 int(r["rank"] or 0)))
 
 

@@ -29,7 +29,6 @@ the run (the last checkpoint is the last finished epoch's, intact).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -45,16 +44,16 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .config import ARCHS, HEADS, PRECISIONS, PRESETS, USAGE_ERRORS, TrainConfig, preset_fields
+from ._checks import check_image_size
+from .config import ARCHS, PRECISIONS, PRESETS, RESUMABLE_FIELDS, USAGE_ERRORS, TrainConfig, preset_fields
 from .distributed import (DistContext, all_reduce_sum, cleanup, init_distributed, make_sampler, wrap_model)
 from .devices import configure_cuda
 from .distributions import deferred_checks
+from .heads import head_names
 from .metrics import bits_per_dim, dequantize
 from .model import VAE, build_model
 from .objectives import make_objective
-
-# Fields that may differ between a run and its resumption (everything else must match the checkpoint).
-RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "root", "data_on_device", "compile", "deterministic")
+from .runs import Run, bpd_bits, config_dataset, data_bits
 
 
 class _LossTerms(nn.Module):
@@ -134,29 +133,24 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _load_train_set(config: TrainConfig):
-    from .data import load_dataset
-
-    options: dict[str, Any] = {}
-    if config.max_items is not None:
-        options["max_items"] = config.max_items
-    if config.augment is not None:
-        options["augment"] = config.augment
-    return load_dataset(config.dataset, "train", image_size=config.image_size, root=config.root, **options)
+    """The training set ``config`` describes (its ``max_items`` subset, flips as ``augment`` says)."""
+    return config_dataset(config, "train", config.max_items, augment=config.augment)
 
 
 def _check_resume_config(stored: TrainConfig, given: TrainConfig, done_epochs: int, out_dir: Path) -> TrainConfig:
-    """The configuration a resumed run continues with: ``stored`` with the fields of `RESUMABLE_CHANGES` taken
-    from ``given``; any other field that differs, or fewer epochs than already trained, is a ValueError naming it."""
+    """The configuration a resumed run continues with: ``stored`` with the fields of
+    `sosvae_lib.config.RESUMABLE_FIELDS` taken from ``given``; any other field that differs, or fewer epochs than
+    already trained, is a ValueError naming it (`sosvae_lib.runs.Run.state` calls such a run stale)."""
     a, b = stored.to_dict(), given.to_dict()
-    differ = [k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES]
+    differ = [k for k in a if a[k] != b[k] and k not in RESUMABLE_FIELDS]
     if differ:
         k = differ[0]
         raise ValueError(f"{k}: the run being resumed was trained with {k}={a[k]!r}, got {b[k]!r} "
-                         f"(only {', '.join(RESUMABLE_CHANGES)} may change on --resume)")
+                         f"(only {', '.join(RESUMABLE_FIELDS)} may change on --resume)")
     if given.epochs < done_epochs:
         raise ValueError(f"epochs: the run in {out_dir} has already trained {done_epochs} epochs; give epochs >= "
                          f"{done_epochs} to resume it, or choose another out directory, got {given.epochs}")
-    return stored.replace(**{k: b[k] for k in RESUMABLE_CHANGES})
+    return stored.replace(**{k: b[k] for k in RESUMABLE_FIELDS})
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -215,12 +209,12 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: must be a TrainConfig, got {type(config).__name__}")
-    out_dir = ckpt_io.check_out_dir(out_dir)
+    run = Run(ckpt_io.check_out_dir(out_dir.folder if isinstance(out_dir, Run) else out_dir))
     if config.root is not None:  # absolute, so that the run can be evaluated from any folder
         config = config.replace(root=os.path.abspath(os.path.expanduser(config.root)))
     ctx = init_distributed(config.device)
     try:
-        config, state = _resumable_state(config, out_dir, resume)
+        config, state = _resumable_state(config, run, resume)
         if config.compile and ctx.device.type == "cpu":
             raise ValueError("compile: torch.compile is refused on the CPU (CPU training under it corrupted the heap "
                              "on AMD EPYC hosts, and it was no faster: 0.94x at the cpu preset); use --no-compile "
@@ -230,37 +224,63 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         if len(dataset) == 0:
             raise ValueError(f"dataset: {config.dataset!r} has no training images")
         if not ctx.is_main:
-            return _train(config, out_dir, state, dataset, progress, ctx)
-        with ckpt_io.run_lock(out_dir):
-            if state is None and (out_dir / ckpt_io.CHECKPOINT).exists():
-                raise ckpt_io.RunLockedError(f"out: another training wrote {out_dir / ckpt_io.CHECKPOINT} while "
+            return _train(config, run, state, dataset, progress, ctx)
+        with run.lock():
+            if state is None and run.exists():
+                raise ckpt_io.RunLockedError(f"out: another training wrote {run.checkpoint_path} while "
                                              f"this one was loading its data; resume it or choose another --out")
-            return _train(config, out_dir, state, dataset, progress, ctx)
+            return _train(config, run, state, dataset, progress, ctx)
     except KeyboardInterrupt as err:
         if isinstance(err, TrainingInterrupted):
             raise
-        if (out_dir / ckpt_io.CHECKPOINT).is_file() or (out_dir / ckpt_io.CONFIG).is_file():
+        if run.started():
             raise TrainingInterrupted(f"interrupted before training started; resume with "
-                                      f"`{_resume_command(out_dir)}`") from None
-        raise TrainingInterrupted(f"interrupted before training started; nothing was written to {out_dir}") from None
+                                      f"`{_resume_command(run.folder)}`") from None
+        raise TrainingInterrupted(f"interrupted before training started; nothing was written to {run.folder}") from None
     finally:
         cleanup(ctx)
 
 
-def _resumable_state(config: TrainConfig, out_dir: Path, resume: bool) -> tuple[TrainConfig, dict | None]:
-    """(configuration to train, verified checkpoint or None) for a run into ``out_dir``."""
-    ckpt_path = out_dir / ckpt_io.CHECKPOINT
-    if not ckpt_path.exists():
+def _resumable_state(config: TrainConfig, run: Run, resume: bool) -> tuple[TrainConfig, dict | None]:
+    """(configuration to train, verified checkpoint or None) for a training into the folder ``run``."""
+    if not run.checkpoint_path.exists():
         return config, None
     if not resume:
-        raise FileExistsError(f"out: {out_dir} already holds a run ({ckpt_io.CHECKPOINT}); pass resume=True "
-                              f"(--resume) to continue it or choose another directory")
-    state = ckpt_io.load_checkpoint(ckpt_path, map_location="cpu")
-    return _check_resume_config(TrainConfig.from_dict(state["config"]), config, int(state["epoch"]), out_dir), state
+        raise FileExistsError(f"out: {run.folder} already holds a run ({run.checkpoint_path.name}); pass "
+                              f"resume=True (--resume) to continue it or choose another directory")
+    state = run.checkpoint(map_location="cpu")
+    stored = TrainConfig.from_dict(state["config"])
+    return _check_resume_config(stored, config, int(state["epoch"]), run.folder), state
+
+
+def train_config(config_fields: dict[str, Any] | None = None, *, preset: str = "smoke", dataset: str = "orl",
+                 root: str | None = None, head: str = "lowrank", rank: int | None = None, seed: int = 0,
+                 overrides: Any = None):
+    """The TrainConfig of ``notebooks/01_train``: ``config_fields`` (every field, as `TrainConfig.to_dict` gives
+    them: what `reproduce` passes, so the notebook trains exactly the configuration the plan checked) or, when
+    None, ``TrainConfig.preset(preset, dataset=…, root=…, head=…, rank=… (None: the preset's), seed=…,
+    **overrides)`` for a notebook run by hand. Bad values are one ValueError naming the parameter or field."""
+    from .config import TrainConfig, check_mapping
+
+    if config_fields is not None:
+        return TrainConfig.from_dict(check_mapping("config_fields", config_fields, '{"dataset": "orl", "epochs": 2}'))
+    overrides = check_mapping("overrides", {} if overrides is None else overrides, '{"epochs": 5}')
+    return TrainConfig.preset(preset, dataset=dataset, root=root, head=head, seed=seed,
+                              **({} if rank is None else {"rank": rank}), **overrides)
+
+
+def ensure_trained(run: Run | str | os.PathLike, config: TrainConfig, progress: bool = False) -> Run:
+    """"Train unless already trained": the `Run` of ``run``, after training ``config`` there unless it holds a
+    finished run of it (`Run.state` is ``complete``). An interrupted run is resumed; a run of another
+    configuration is refused with `train`'s error naming the field (nothing is deleted here)."""
+    run = Run(run)
+    if run.state(config) != "complete":
+        train(config, run.folder, resume=True, progress=progress)
+    return run
 
 
 @dataclass
-class Run:
+class TrainState:
     """What one training process holds: the model, optimiser, objective, data and history of a run (built by
     `setup_run`, advanced by `train_step` and `train_epoch`)."""
 
@@ -272,7 +292,7 @@ class Run:
     objective: Any
     noise_params: list
     layout: torch.memory_format
-    bits: int
+    bits: int | None  # of the training set (`sosvae_lib.runs.data_bits`): 8, 16, or None for continuous data
     dim: int
     dataset: Any = None
     loader: Any = None
@@ -285,7 +305,7 @@ class Run:
 
 
 def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistContext | None = None,
-              dataset: Any = None, state: dict | None = None, forward_fn: Callable | None = None) -> Run:
+              dataset: Any = None, state: dict | None = None, forward_fn: Callable | None = None) -> TrainState:
     """Build the model (weights from ``config.seed``, or from the checkpoint ``state``), its optimiser and objective
     on ``ctx.device`` (default: the CPU, one process), and, given a ``dataset``, its loader and the data generator
     (on the device). ``forward_fn``: see `_LossTerms` (the benchmark's reference likelihood).
@@ -307,9 +327,9 @@ def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistC
     # counter back from host memory (148 host ops per step at the cpu preset). The CPU keeps the default (its bits).
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True if device.type == "cuda" else None)
     objective = make_objective(config).to(device)
-    run = Run(config=config, ctx=ctx, model=model, step_module=model, optimizer=optimizer, objective=objective,
-              noise_params=model.noise_parameters(), layout=layout, bits=getattr(dataset, "bits", None) or 8,
-              dim=math.prod(image_shape))
+    run = TrainState(config=config, ctx=ctx, model=model, step_module=model, optimizer=optimizer,
+                     objective=objective, noise_params=model.noise_parameters(), layout=layout,
+                     bits=data_bits(dataset), dim=math.prod(image_shape))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -344,7 +364,7 @@ def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistC
     return run
 
 
-def train_step(run: Run, x: torch.Tensor, pretrain: bool = False, where: str = "this step") -> torch.Tensor:
+def train_step(run: TrainState, x: torch.Tensor, pretrain: bool = False, where: str = "this step") -> torch.Tensor:
     """One optimiser step on the batch ``x`` (on the device, flipped and dequantised: `_batches`). Returns the
     process-summed float64 statistics [loss, nll sum, kl sum, entropy sum, images] on the device.
 
@@ -381,7 +401,7 @@ def train_step(run: Run, x: torch.Tensor, pretrain: bool = False, where: str = "
     return packed[:5]
 
 
-def _batches(run: Run, epoch: int):
+def _batches(run: TrainState, epoch: int):
     """Epoch ``epoch``'s batches (0-based) on the device, flipped and dequantised.
 
     Sets the sampler's epoch and reseeds ``run.generator`` from (seed, rank, epoch), so an epoch's batches depend
@@ -407,12 +427,12 @@ def _batches(run: Run, epoch: int):
         x = x.to(device, non_blocking=True).contiguous(memory_format=run.layout)
         if run.flip:
             x = flip_batch(x, generator)
-        if config.dequantize:
+        if config.dequantize and run.bits is not None:  # quantised data only (`sosvae_lib.runs.data_bits`)
             x = dequantize(x, generator, bits=run.bits)
         yield x
 
 
-def train_epoch(run: Run, epoch: int, bar: Any = None) -> dict[str, Any]:
+def train_epoch(run: TrainState, epoch: int, bar: Any = None) -> dict[str, Any]:
     """Train epoch ``epoch`` (0-based); return its metric row (also appended to ``run.history``). Statistics are
     summed on the device and read once, at the end of the epoch."""
     config, ctx, objective = run.config, run.ctx, run.objective
@@ -436,7 +456,7 @@ def train_epoch(run: Run, epoch: int, bar: Any = None) -> dict[str, Any]:
         bar.set_postfix_str(f"ep {epoch + 1}/{config.epochs} nll {nll / n:.4g} kl {kl / n:.3g} λ {objective.lam:.3g}")
     row: dict[str, Any] = {
         "epoch": epoch + 1, "loss": loss / n, "nll": nll / n,
-        "nll_bpd": float(bits_per_dim(nll / n, run.dim, bits=run.bits if config.dequantize else 0)),
+        "nll_bpd": float(bits_per_dim(nll / n, run.dim, bits=bpd_bits(run.bits))),
         "kl": kl / n, "target_kl": config.target_kl if config.beta is None else float("nan"),
         "lambda": objective.lam,
     }
@@ -447,18 +467,18 @@ def train_epoch(run: Run, epoch: int, bar: Any = None) -> dict[str, Any]:
     return row
 
 
-def _save(run: Run, out_dir: Path, image_shape: list[int], writer: Any) -> None:
+def _save(run: TrainState, folder: Run, image_shape: list[int], writer: Any) -> None:
     """Rank 0: the checkpoint (with its digests), metrics.csv and TensorBoard scalars after an epoch."""
     model_state, optim_state = run.model.state_dict(), run.optimizer.state_dict()
     epoch = run.history[-1]["epoch"]
-    ckpt_io.atomic_save({
+    folder.write_checkpoint({
         "model": model_state, "optimizer": optim_state, "lambda": run.objective.lam,
         "lambda_entropy": run.objective.lam_entropy, "rng": _rng_state(run.generator), "epoch": epoch,
         "config": run.config.to_dict(), "image_shape": image_shape, "history": run.history,
         "train_seconds": run.train_seconds, "weights_sha256": ckpt_io.tensor_digest(model_state),
         "optimizer_sha256": ckpt_io.tensor_digest(optim_state),
-    }, out_dir / ckpt_io.CHECKPOINT)
-    ckpt_io.write_metrics_csv(out_dir / ckpt_io.METRICS, run.history)
+    })
+    folder.write_history(run.history)
     if writer is not None:
         row = run.history[-1]
         for key in ("loss", "nll", "nll_bpd", "kl", "lambda", "entropy", "lambda_entropy"):
@@ -467,7 +487,7 @@ def _save(run: Run, out_dir: Path, image_shape: list[int], writer: Any) -> None:
         writer.flush()
 
 
-def _train(config: TrainConfig, out_dir: Path, state: dict | None, dataset, progress: bool,
+def _train(config: TrainConfig, folder: Run, state: dict | None, dataset, progress: bool,
            ctx: DistContext) -> dict:
     wall_start = time.perf_counter()
     image_shape = [int(v) for v in (dataset.images.shape[1:] if hasattr(dataset, "images")
@@ -477,12 +497,12 @@ def _train(config: TrainConfig, out_dir: Path, state: dict | None, dataset, prog
 
     writer = None
     if ctx.is_main:
-        ckpt_io.atomic_write_json(out_dir / ckpt_io.CONFIG, config.to_dict())
+        folder.write_config(config)
         if state is not None:  # metrics.csv may be ahead of or behind the checkpoint if the run was killed
-            ckpt_io.write_metrics_csv(out_dir / ckpt_io.METRICS, run.history)
+            folder.write_history(run.history)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_epoch + 1)
+            writer = SummaryWriter(str(folder.tensorboard_path), purge_step=start_epoch + 1)
         except ImportError:  # TensorBoard is optional: metrics.csv holds the same numbers
             writer = None
 
@@ -496,10 +516,10 @@ def _train(config: TrainConfig, out_dir: Path, state: dict | None, dataset, prog
         for epoch in range(start_epoch, config.epochs):
             train_epoch(run, epoch, bar)
             if ctx.is_main:
-                _save(run, out_dir, image_shape, writer)  # atomic: Ctrl-C inside leaves the previous checkpoint
+                _save(run, folder, image_shape, writer)  # atomic: Ctrl-C inside leaves the previous checkpoint
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"interrupted at epoch {epoch + 1} of {config.epochs}; resume with "
-                                  f"`{_resume_command(out_dir)}`") from None
+                                  f"`{_resume_command(folder.folder)}`") from None
     finally:
         if bar is not None:
             bar.close()
@@ -517,23 +537,17 @@ def _train(config: TrainConfig, out_dir: Path, state: dict | None, dataset, prog
         "final": run.history[-1] if run.history else {},
     }
     if ctx.is_main:
-        ckpt_io.atomic_write_json(out_dir / ckpt_io.SUMMARY, summary)
+        folder.write_summary(summary)
     return dict(summary, process_rank=ctx.rank)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 def _image_size(text: str) -> int | tuple[int, int]:
-    """``64`` → 64; ``218x178`` → (218, 178)."""
-    parts = text.lower().replace("×", "x").split("x")
+    """``64`` → 64; ``218x178`` → (218, 178) (`sosvae_lib._checks.check_image_size`, the one parser)."""
     try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be PX or HxW (e.g. 64 or 218x178), got {text!r}") from None
-    if len(values) == 1:
-        return values[0]
-    if len(values) == 2:
-        return (values[0], values[1])
-    raise argparse.ArgumentTypeError(f"must be PX or HxW (e.g. 64 or 218x178), got {text!r}")
+        return check_image_size(text, text=True)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -547,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dataset")
     p.add_argument("--root")
-    p.add_argument("--head", choices=HEADS)
+    p.add_argument("--head", choices=head_names())
     p.add_argument("--arch", choices=ARCHS, help="resnet (light) | authors (the paper's network; the paper preset)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="encoder and trunk: fp32 | bf16 (autocast) | auto (bf16 on CUDA, fp32 on the CPU; default); "
@@ -573,43 +587,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stored_config(path: Path) -> TrainConfig:
-    """The TrainConfig in a run's ``config.json``; one ValueError naming the file when it cannot be used."""
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError; a non-dict is a TypeError
-        raise ValueError(f"config: {path} is not a usable run configuration ({err}); delete the folder to start the "
-                         f"run again") from None
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the command line describes. Without ``--resume``: the preset (default cpu) with the given
     flags. With ``--resume``: the configuration stored in ``--out`` (its checkpoint's, or, for a run killed before
     its first checkpoint, its ``config.json``) with the given flags and the given preset's fields on top; any of
-    them that differs from the stored run in a field other than `RESUMABLE_CHANGES` is refused naming it (by
-    `train` against a checkpoint, here against a ``config.json``). A folder with neither is a FileNotFoundError:
-    there is nothing to resume. A stored relative ``root`` (a run trained before roots were stored absolute) is
-    found as `sosvae_lib.checkpoint.resolve_root` says, unless ``--root`` is given."""
+    them that differs from the stored run in a field other than `sosvae_lib.config.RESUMABLE_FIELDS` is refused
+    naming it (by `train` against a checkpoint, here against a ``config.json``). A folder with neither is a
+    FileNotFoundError: there is nothing to resume. A stored relative ``root`` (a run trained before roots were
+    stored absolute) is found as `sosvae_lib.runs.resolve_root` says, unless ``--root`` is given."""
     given = {k: v for k, v in vars(args).items()
              if k not in ("config", "out", "resume", "no_progress") and v is not None}
     if not args.resume:
         return TrainConfig.preset(args.config or "cpu", **given)
-    out = ckpt_io.check_out_dir(args.out)  # a file given as --out: one line naming it, before anything is read
-    ckpt_path, config_path = out / ckpt_io.CHECKPOINT, out / ckpt_io.CONFIG
-    if ckpt_path.is_file():
-        stored = TrainConfig.from_dict(ckpt_io.load_checkpoint(ckpt_path)["config"])
-    elif config_path.is_file():
-        stored = _stored_config(config_path)
-    else:
-        raise FileNotFoundError(f"out: {out} holds no run to resume (no {ckpt_io.CHECKPOINT} or {ckpt_io.CONFIG}); "
-                                f"drop --resume to start a new run there")
-    if stored.root is not None:
-        stored = stored.replace(root=ckpt_io.resolve_root(stored.root, out))
+    run = Run(ckpt_io.check_out_dir(args.out))  # a file given as --out: one line naming it, before anything is read
+    if not run.started():
+        raise FileNotFoundError(f"out: {run.folder} holds no run to resume (no {run.checkpoint_path.name} or "
+                                f"{run.config_path.name}); drop --resume to start a new run there")
+    stored = run.config  # the checkpoint's (its digests are checked by `train`), else config.json; root absolute
     fields = preset_fields(args.config) if args.config else {}
     fields.update(given)
     config = stored.replace(**fields)
-    if not ckpt_path.is_file():  # nothing trained yet, but the run is the stored one: the checkpoint's rules
-        config = _check_resume_config(stored, config, 0, out)
+    if not run.exists():  # nothing trained yet, but the run is the stored one: the checkpoint's rules
+        config = _check_resume_config(stored, config, 0, run.folder)
     return config
 
 

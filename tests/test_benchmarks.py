@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sosvae_lib import reproduce
+from sosvae_lib.config import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,4 +72,4 @@ def test_gpu_reproduction_plan():
         assert c.image_size == {"celeba": 64, "celeba109x89": (109, 89), "orl": 64, "fashion-mnist": 32}[v.group]
         assert c.max_items is None  # whole training splits
     assert reproduce.select(variants, "celeba109x89") == [v for v in variants if v.group == "celeba109x89"]
-    assert reproduce.EVAL_OPTIONS["gpu"]["device"] == "auto"
+    assert EvalConfig.preset("gpu").device == "auto"

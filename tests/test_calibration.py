@@ -12,6 +12,7 @@ import torch
 from sosvae_lib import calibration as C
 from sosvae_lib import metrics as M
 from sosvae_lib.distributions import DiagonalNormal, LowRankNormal
+from sosvae_lib.runs import Run
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -178,12 +179,12 @@ def test_model_wrapper_iwae_variant_and_calibrate_model():
     assert cal_d.eps is None and cal_d.scale > 0
 
 
-def test_read_calibration_round_trip(tmp_path):
-    assert C.read_calibration(tmp_path) is None
+def test_calibration_record_round_trip(tmp_path):
+    assert Run(tmp_path).calibration() is None
     cal = C.Calibration(scale=1000.0, eps=1e-2, trained_eps=1e-5, nll_trained=5.0, nll_calibrated=1.0,
                         num_images=3, num_dims=10, at_bound=False)
-    (tmp_path / C.CALIBRATION_FILE).write_text(json.dumps(dict(cal.to_dict(), split="val", seed=0)))
-    assert C.read_calibration(tmp_path) == cal
+    Run(tmp_path).calibration_path.write_text(json.dumps(dict(cal.to_dict(), split="val", seed=0)))
+    assert Run(tmp_path).calibration() == cal
 
 
 # ------------------------------------------------------------------------------------------------- bad input (issue 17)
@@ -211,27 +212,28 @@ def test_calibration_api_rejects_bad_input_naming_it(tmp_path):
         C.calibrate_model(model, images[:0])
     with pytest.raises(ValueError, match="^x: must be finite"):
         C.diag_scale_statistics(torch.zeros(2, 5), torch.ones(2, 5, 1), 1e-3, torch.full((2, 5), float("nan")))
-    path = tmp_path / C.CALIBRATION_FILE
+    path = Run(tmp_path).calibration_path
     path.write_text('{"scale": 2.0, "eps"')
     with pytest.raises(ValueError, match=f"^calibration: {path} is not valid JSON"):
-        C.read_calibration(tmp_path)
+        Run(tmp_path).calibration()
     path.write_text(json.dumps(dict(scale=2.0, trained_eps=1e-5)))
     with pytest.raises(ValueError, match=f"^calibration: {path} is incomplete .*eps"):
-        C.read_calibration(tmp_path)
+        Run(tmp_path).calibration()
     path.write_text(json.dumps(["not", "a", "record"]))
     with pytest.raises(ValueError, match="^calibration: .* is incomplete"):
-        C.read_calibration(tmp_path)
+        Run(tmp_path).calibration()
 
 
 def test_calibrate_run_names_its_own_arguments(tmp_path):
     """issue 17 item 11: calibrate_run(num_images=0) named max_items (the data loader's argument)."""
     from sosvae_lib.config import TrainConfig
+    from sosvae_lib.evaluate import calibrate_run
     from sosvae_lib.train import train
 
     train(TrainConfig.preset("smoke", max_items=8), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="^num_images:"):
-        C.calibrate_run(tmp_path / "run", num_images=0)
+        calibrate_run(tmp_path / "run", num_images=0)
     with pytest.raises(ValueError, match=r"^bounds: .*got \(1, 0\.001\)"):
-        C.calibrate_run(tmp_path / "run", bounds=(1, 1e-3))
-    cal = C.calibrate_run(tmp_path / "run", num_images=4, write=True)
-    assert C.read_calibration(tmp_path / "run") == cal and cal.num_images == 4
+        calibrate_run(tmp_path / "run", bounds=(1, 1e-3))
+    cal = calibrate_run(tmp_path / "run", num_images=4, write=True)
+    assert Run(tmp_path / "run").calibration() == cal and cal.num_images == 4

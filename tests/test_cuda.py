@@ -133,7 +133,7 @@ def test_evaluation_on_the_device_matches_the_cpu(device):
 
 
 def test_editor_operations_on_the_device(device):
-    from sosvae_lib.editor import Editor
+    from sosvae_lib.editing import Editor
 
     model, _ = _smoke_model(torch.device("cpu"), shape=(1, 16, 16))
     image = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(4))

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from fake_cuda import ClaimedCuda, fake_cuda, real
 from sosvae_lib import components as C
+from sosvae_lib import editing as Ed
 from sosvae_lib import plots
 from sosvae_lib.config import TrainConfig
 from sosvae_lib.model import build_model
@@ -33,7 +34,8 @@ def _image() -> torch.Tensor:
 
 
 def _computations(model, x: torch.Tensor, device: str) -> dict:
-    """Every public computation of components.py on ``model`` (its results, summaries included)."""
+    """Every public computation of components.py and of the editing figure (editing.py) on ``model`` (its results,
+    summaries included)."""
     out: dict = {}
     out["prior_panel"] = C.prior_panel(model, n=3, seed=1)
     out["prior_panels"] = C.prior_panels({"a": model, "b": model}, n=2, seed=2)
@@ -43,10 +45,10 @@ def _computations(model, x: torch.Tensor, device: str) -> dict:
     out["prior_mode"] = (mode.loc, mode.variance)
     out["draw_noise"] = C.draw_noise(dist, 2, 4)
     out["object_pixel"] = C.object_pixel(dist.variance, SHAPE)
-    out["edit"] = C.edit_strokes(dist, SHAPE)
-    out["completions"] = C.patch_completions(dist, x.to(device), SHAPE, 2, 3, size=4, n=3, seed=5)
-    out["editor"] = C.editor(model, x, patch=4, n=2, seed=6)
-    out["editors"] = C.editors({"a": model, "b": model}, x.to(device), patch=4, n=2, seed=7)
+    out["edit"] = Ed.edit_strokes(dist, SHAPE)
+    out["completions"] = Ed.patch_completions(dist, x.to(device), SHAPE, 2, 3, size=4, n=3, seed=5)
+    out["editor"] = Ed.edit_panel(model, x, patch=4, n=2, seed=6)
+    out["editors"] = Ed.edit_panels({"a": model, "b": model}, x.to(device), patch=4, n=2, seed=7)
     if dist.cov_factor.shape[-1]:
         out["principal_directions"] = C.principal_directions(dist.cov_factor)
         out["sweeps"] = C.component_sweeps(dist, SHAPE)
@@ -117,7 +119,7 @@ def _figures(model, x: torch.Tensor) -> list[Figure]:
     """The figures of plots.py built from a model (directly, or from the components results they accept)."""
     models = {"m": model}
     figures = [plots.samples_figure(models, n=2, seed=1), plots.interpolation_figure(models, steps=3, seed=2),
-               plots.editor_figure(C.editors(models, x, patch=4, n=1, seed=3))]
+               plots.editor_figure(Ed.edit_panels(models, x, patch=4, n=1, seed=3))]
     if model.head.rank:
         figures.append(plots.sweeps_figure(C.component_sweeps(C.prior_mode(model), SHAPE, ts=[-2.0, 2.0]),
                                            kind="columns"))

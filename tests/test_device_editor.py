@@ -1,4 +1,4 @@
-"""The editor (`sosvae_lib.editor`) on a CUDA model, proved on the CPU: every operation of `Editor` and the
+"""The editor (`sosvae_lib.editing`, its widget `sosvae_lib.widget`) on a CUDA model, proved on the CPU: every operation of `Editor` and the
 handlers of its widget run on tensors that claim ``cuda`` (tests/fake_cuda.py), where a CPU tensor meeting a CUDA
 one raises as on a GPU, and give the values of the same editor run on the CPU. A paint adds no host read-back to the
 conditioning's own."""
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fake_cuda import fake_cuda, real
-from sosvae_lib import editor as E
+from sosvae_lib import editing as E
+from sosvae_lib import widget as Wd
 from sosvae_lib.config import TrainConfig
 from sosvae_lib.distributions import DiagonalNormal, LowRankNormal
 from sosvae_lib.model import build_model
@@ -121,7 +122,7 @@ def test_a_paint_adds_no_read_back_to_the_conditioning():
     assert explore_syncs == 0
 
 
-def _drive_widget(ui: E.EditorUI) -> dict[str, bytes]:
+def _drive_widget(ui: Wd.EditorUI) -> dict[str, bytes]:
     """Every handler the widget's frontend triggers, in a user's order; the canvas bytes after each."""
     out = {"start": ui.canvas.rgba, "start_samples": ui.sample_canvas.rgba}
     ui.width_slider.value = 2
@@ -153,10 +154,10 @@ def _drive_widget(ui: E.EditorUI) -> dict[str, bytes]:
 def test_the_widget_handlers_on_a_cuda_model_match_the_cpu():
     pytest.importorskip("anywidget")
     model, x = _model("lowrank"), _image()
-    expected = _drive_widget(E.Editor(model, image=x, seed=2, calibrated=3e-3).widget(n_samples=2, scale=8))
+    expected = _drive_widget(Wd.EditorUI(E.Editor(model, image=x, seed=2, calibrated=3e-3), n_samples=2, scale=8))
     with fake_cuda():
         ed = E.Editor(copy.deepcopy(model).to("cuda"), image=x, seed=2, calibrated=3e-3)
-        got = _drive_widget(ed.widget(n_samples=2, scale=8))
+        got = _drive_widget(Wd.EditorUI(ed, n_samples=2, scale=8))
     assert expected["mask"] != b"" and expected["stroke"] != expected["start"]
     assert got.keys() == expected.keys()
     for name in got:

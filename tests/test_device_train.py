@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import smoke_config as smoke
 from fake_cuda import MetaStep, fake_cuda, real
 from sosvae_lib import data as data_mod
 from sosvae_lib import distributed
@@ -25,10 +26,6 @@ from sosvae_lib.distributions import deferred_checks
 
 torch.set_num_threads(1)
 CUDA = torch.device("cuda", 0)
-
-
-def smoke(**kw) -> TrainConfig:
-    return TrainConfig.preset("smoke", dataset="orl", device="cpu", **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,7 +158,7 @@ def restore_backends(monkeypatch):
         conv.fp32_precision, matmul.fp32_precision = saved_new
 
 
-def _cuda_run(config: TrainConfig, **kw) -> train_mod.Run:
+def _cuda_run(config: TrainConfig, **kw) -> train_mod.TrainState:
     return train_mod.setup_run(config, (1, 16, 16), DistContext(device=CUDA), **kw)
 
 

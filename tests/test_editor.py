@@ -1,20 +1,24 @@
-"""The editor (`sosvae_lib.editor`): exact screen → pixel mapping, stroke rasterisation, and the state machine driven
-through simulated mouse events: a stroke changes the image exactly as `LowRankNormal.condition` predicts, undo
-restores the previous image bitwise, reset returns to μ, the pixel-wise model changes only the painted pixels;
-samples, principal directions, the ε option and the calibrated-ε switch; the headless scripted session."""
+"""The editor (`sosvae_lib.editing`, its widget `sosvae_lib.widget`): exact screen → pixel mapping, the one stroke
+rasteriser, and the state machine driven through simulated mouse events: a stroke changes the image exactly as
+`LowRankNormal.condition` predicts, undo restores the previous image bitwise, reset returns to μ, the pixel-wise
+model changes only the painted pixels; samples, principal directions, the ε option and the calibrated-ε switch; the
+headless scripted session; the module's place in the package (no orchestrator, the widget's JavaScript as package
+data)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from sosvae_lib import editor as E
+from sosvae_lib import editing as E
+from sosvae_lib import widget as Wd
+from sosvae_lib.calibration import Calibration
 from sosvae_lib.config import TrainConfig
 from sosvae_lib.distributions import DiagonalNormal, LowRankNormal
 from sosvae_lib.model import build_model
+from sosvae_lib.runs import Run
 
 SHAPE = (1, 8, 10)  # C, H, W: not square, so rows and columns cannot be swapped unnoticed
 D = math.prod(SHAPE)
@@ -45,7 +49,7 @@ def expected_mask(cells, shape=SHAPE) -> torch.Tensor:
 def mouse(ui_or_editor, points, size, value=0.0, width=1):
     """A simulated drag and release: through the widget's message handler when the widget is given (what the
     browser sends), else through `Editor.screen_stroke` (what that handler calls)."""
-    if isinstance(ui_or_editor, E.EditorUI):
+    if isinstance(ui_or_editor, Wd.EditorUI):
         ui_or_editor.width_slider.value = width
         ui_or_editor.value_picker.value = value
         ui_or_editor._on_canvas_msg(ui_or_editor.canvas, {"type": "stroke", "points": points, "size": list(size)})
@@ -88,7 +92,7 @@ def test_stroke_pixels_paths_brushes_and_clipping():
     assert one.sum() == 1 and one[2, 3]
     square = E.stroke_pixels([(4, 4)], hw, 3)
     assert square.sum() == 9 and square[3:6, 3:6].all()
-    even = E.stroke_pixels([(4, 4)], hw, 2)  # offsets 0, +1 (components.stroke_mask's convention)
+    even = E.stroke_pixels([(4, 4)], hw, 2)  # offsets 0, +1
     assert even.sum() == 4 and even[4:6, 4:6].all()
     line = E.stroke_pixels([(1, 0), (1, 9)], hw, 1)
     assert line.sum() == 10 and line[1].all()
@@ -96,6 +100,43 @@ def test_stroke_pixels_paths_brushes_and_clipping():
     assert diag.sum() == 8 and all(diag[k, k] for k in range(8))  # 8-connected, one pixel per step
     corner = E.stroke_pixels([(0, 0)], hw, 3)  # clipped, not clamped onto the border
     assert corner.sum() == 4 and corner[:2, :2].all()
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 8, 10), (1, 64, 64)])
+def test_the_figures_strokes_are_the_editors_strokes(shape):
+    """One rasteriser: `edit_strokes` (the editing figure) paints, in every channel, exactly the pixels of
+    `stroke_pixels` along `fraction_points` (the widget's and `Editor.paint`'s), and its images are the editor's,
+    bitwise. (Was a second rasteriser: at 16×16 the default strokes painted pixel (13, 2) the editor does not.)"""
+    c, h, w = shape
+    dist = lowrank(rank=2, shape=shape)
+    edit = E.edit_strokes(dist, shape, E.DEFAULT_STROKES, value=0.0, width=1)
+    ed = E.Editor(dist, image_shape=shape)
+    painted = torch.zeros(h, w, dtype=torch.bool)
+    for k, stroke in enumerate(E.DEFAULT_STROKES):
+        painted |= E.stroke_pixels(E.fraction_points(stroke, (h, w)), (h, w), 1)
+        assert torch.equal(edit.masks[k], painted.expand(c, h, w).reshape(-1))
+        assert torch.equal(edit.after[k], ed.paint(E.fraction_points(stroke, (h, w)), 0.0, 1).reshape(-1))
+    assert torch.equal(edit.before, dist.loc.reshape(-1))
+    if shape == (1, 16, 16):  # the default strokes' pixels, by hand: an 8-connected polyline, then a diagonal
+        assert sorted(map(tuple, painted.nonzero().tolist())) == [(2, 6), (2, 7), (2, 8), (2, 9), (12, 2), (13, 3)]
+
+
+def test_the_editing_module_imports_no_orchestrator_and_the_widget_ships_its_javascript():
+    import ast
+    from importlib import resources
+    from pathlib import Path
+
+    for module in (E, Wd):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {"reproduce", "plots", "train", "evaluate", "sosvae_lib.reproduce"}, module.__name__
+        if module is E:
+            assert "widget" not in imported
+    js = resources.files("sosvae_lib").joinpath("widget.js").read_text(encoding="utf-8")
+    assert js == Wd.canvas_esm() and "export default { render }" in js and 'type: "stroke"' in js
+    pytest.importorskip("anywidget")
+    assert Wd._canvas_class()._esm == js
 
 
 @pytest.mark.parametrize("points, width, match", [
@@ -123,7 +164,7 @@ def driver(request):
         ed = E.Editor(dist, image_shape=shape, **kw)
         if request.param == "widget":
             pytest.importorskip("anywidget")
-            return ed, ed.widget(n_samples=2)
+            return ed, Wd.EditorUI(ed, n_samples=2)
         return ed, ed
     return make
 
@@ -150,13 +191,13 @@ def test_undo_restores_bitwise_and_reset_returns_to_mu(driver):
     first = mouse(target, [[5.0, 5.0], [70.0, 5.0]], (80, 64), value=0.0, width=1).clone()
     second = mouse(target, [[40.0, 60.0]], (80, 64), value=1.0, width=3).clone()
     assert ed.strokes == 2 and not torch.equal(first, second)
-    if isinstance(target, E.EditorUI):
+    if isinstance(target, Wd.EditorUI):
         target.undo_button.click()
     else:
         ed.undo()
     assert ed.strokes == 1 and torch.equal(ed.image, first)
-    if isinstance(target, E.EditorUI):
-        assert target.canvas.rgba == E.to_rgba(first.unsqueeze(0))  # what is displayed follows
+    if isinstance(target, Wd.EditorUI):
+        assert target.canvas.rgba == Wd.to_rgba(first.unsqueeze(0))  # what is displayed follows
         target.reset_button.click()
     else:
         ed.reset()
@@ -301,31 +342,49 @@ def test_set_eps_keeps_undo_consistent():
     assert torch.equal(undone.reshape(1, -1), ref)
 
 
+def _calibration(scale: float, eps: float | None) -> Calibration:
+    return Calibration(scale=scale, eps=eps, trained_eps=None if eps is None else eps / scale, nll_trained=100.0,
+                       nll_calibrated=90.0, num_images=8, num_dims=D, at_bound=False)
+
+
 def test_calibrated_eps_is_read_from_the_run_and_drives_the_switch(tmp_path):
+    run = Run(tmp_path)
+    assert E.calibrated_eps(run) is None
+    run.write_evaluation("test", {"test_nll_bpd": 6.5})
     assert E.calibrated_eps(tmp_path) is None
-    (tmp_path / "eval_test.json").write_text(json.dumps({"test_nll_bpd": 6.5}))
-    assert E.calibrated_eps(tmp_path) is None
-    (tmp_path / "eval_test.json").write_text(json.dumps({"eps_calibrated": 0.004}))
-    assert E.calibrated_eps(tmp_path) == 0.004
-    (tmp_path / "eval_val.json").write_text(json.dumps({"eps_calibrated": -1}))  # invalid: ignored
-    assert E.calibrated_eps(tmp_path) == 0.004
-    # sosvae_lib.calibration's file: the calibrated ε of a fixed diagonal, the multiplier of a learned one
-    (tmp_path / "calibration.json").write_text(json.dumps({"eps": 0.002, "scale": 200.0}))
-    assert E.calibrated_eps(tmp_path, fixed=True) == 0.002 and E.calibrated_eps(tmp_path, fixed=False) == 200.0
+    run.write_evaluation("test", {"eps_calibrated": 0.004, "diag_scale_calibrated": 4.0})
+    assert E.calibrated_eps(tmp_path) == 0.004 and E.calibrated_eps(tmp_path, fixed=False) == 4.0
+    run.write_evaluation("val", {"eps_calibrated": -1, "diag_scale_calibrated": float("inf")})  # invalid: ignored
+    assert E.calibrated_eps(tmp_path) == 0.004 and E.calibrated_eps(tmp_path, fixed=False) == 4.0
+    # the run's calibration (Run.calibration) comes first: the calibrated ε of a fixed diagonal, the multiplier of
+    # a learned one
+    run.write_calibration(_calibration(200.0, 0.002), split="val", seed=0)
+    assert E.calibrated_eps(run, fixed=True) == 0.002 and E.calibrated_eps(run, fixed=False) == 200.0
+    run.write_calibration(_calibration(3.0, None), split="val", seed=0)  # a learned diagonal's: no ε, use the eval
+    assert E.calibrated_eps(run, fixed=True) == 0.004 and E.calibrated_eps(run, fixed=False) == 3.0
 
     pytest.importorskip("anywidget")
     dist = lowrank(diag=1e-5)
-    hidden = E.Editor(dist, image_shape=SHAPE).widget()
+    hidden = Wd.EditorUI(E.Editor(dist, image_shape=SHAPE))
     assert hidden.eps_switch.layout.display == "none" and hidden.eps_switch.disabled
-    ui = E.Editor(dist, image_shape=SHAPE, calibrated=0.004).widget()
+    ui = Wd.EditorUI(E.Editor(dist, image_shape=SHAPE, calibrated=0.004))
     assert ui.eps_switch.layout.display != "none" and not ui.eps_switch.disabled
     mouse(ui, [[30.0, 30.0]], (80, 64))
     ui.eps_switch.value = "calibrated"
     assert ui.editor.eps == 0.004 and torch.all(ui.editor.distribution.cov_diag[ui.editor.mask.reshape(1, -1) == 0]
                                                 == 0.004)
-    assert ui.canvas.rgba == E.to_rgba(ui.editor.image.unsqueeze(0))
+    assert ui.canvas.rgba == Wd.to_rgba(ui.editor.image.unsqueeze(0))
     ui.eps_switch.value = "trained"
     assert ui.editor.eps is None
+
+
+def test_a_learned_diagonal_is_not_scaled_by_the_eps_of_a_fixed_one(tmp_path):
+    """An evaluation's ``eps_calibrated`` is the new ε of a fixed diagonal; a learned diagonal's multiplier is
+    ``diag_scale_calibrated`` (was: eps_calibrated read as the multiplier, and the multiplier never found)."""
+    Run(tmp_path).write_evaluation("test", {"eps_calibrated": None, "diag_scale_calibrated": 3.0})
+    assert E.calibrated_eps(tmp_path, fixed=False) == 3.0 and E.calibrated_eps(tmp_path, fixed=True) is None
+    Run(tmp_path).write_evaluation("test", {"eps_calibrated": 0.004, "diag_scale_calibrated": None})
+    assert E.calibrated_eps(tmp_path, fixed=False) is None and E.calibrated_eps(tmp_path, fixed=True) == 0.004
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -334,30 +393,30 @@ def test_calibrated_eps_is_read_from_the_run_and_drives_the_switch(tmp_path):
 
 def test_to_rgba_layout():
     img = torch.tensor([[[[0.0, 1.0]], [[0.5, 2.0]], [[-1.0, 0.2]]]])  # [1, 3, 1, 2]
-    assert E.to_rgba(img) == bytes([0, 128, 0, 255, 255, 255, 51, 255])
-    assert E.to_rgba(torch.tensor([[[[0.2]]]])) == bytes([51, 51, 51, 255])
+    assert Wd.to_rgba(img) == bytes([0, 128, 0, 255, 255, 255, 51, 255])
+    assert Wd.to_rgba(torch.tensor([[[[0.2]]]])) == bytes([51, 51, 51, 255])
     with pytest.raises(ValueError, match=r"^images:"):
-        E.to_rgba(torch.zeros(2, 2, 4, 4))
+        Wd.to_rgba(torch.zeros(2, 2, 4, 4))
 
 
 def test_widget_buttons_sliders_and_display():
     pytest.importorskip("anywidget")
     ed = E.Editor(lowrank(rank=3), image_shape=SHAPE, seed=2)
-    ui = ed.widget(n_samples=3, scale=8)
+    ui = Wd.EditorUI(ed, n_samples=3, scale=8)
     assert (ui.canvas.height, ui.canvas.width, ui.canvas.scale, ui.canvas.editable) == (8, 10, 8, True)
-    assert ui.canvas.rgba == E.to_rgba(ed.image.unsqueeze(0))
-    assert ui.sample_canvas.count == 3 and ui.sample_canvas.rgba == E.to_rgba(ed.samples(3, 2))
+    assert ui.canvas.rgba == Wd.to_rgba(ed.image.unsqueeze(0))
+    assert ui.sample_canvas.count == 3 and ui.sample_canvas.rgba == Wd.to_rgba(ed.samples(3, 2))
     ui.sample_button.click()
-    assert ui.sample_canvas.rgba == E.to_rgba(ed.samples(3, 3))
+    assert ui.sample_canvas.rgba == Wd.to_rgba(ed.samples(3, 3))
     ui.width_slider.value = 3
     ui.value_picker.value = 0.5
     assert ui.canvas.brush_width == 3 and ui.canvas.brush == "rgb(128, 128, 128)"
     assert len(ui.sliders) == 3
     ui.tabs.selected_index = 1
     ui.sliders[0].value = 1.0
-    assert ui.explore_canvas.rgba == E.to_rgba(ed.explore([1.0, 0.0, 0.0]).unsqueeze(0))
+    assert ui.explore_canvas.rgba == Wd.to_rgba(ed.explore([1.0, 0.0, 0.0]).unsqueeze(0))
     ui.zero_button.click()
-    assert ui.explore_canvas.rgba == E.to_rgba(ed.image.unsqueeze(0))
+    assert ui.explore_canvas.rgba == Wd.to_rgba(ed.image.unsqueeze(0))
     assert "application/vnd.jupyter.widget-view+json" in ui._repr_mimebundle_()
     assert math.isfinite(ui.last_update_ms) and "0 strokes" in ui.status.value and ui.canvas.mask == b""
     ui.tabs.selected_index = 0
@@ -365,7 +424,7 @@ def test_widget_buttons_sliders_and_display():
     assert ui.canvas.mask == ed.mask[0].to(torch.uint8).numpy().tobytes() and sum(ui.canvas.mask) == 3
     ui.outline_box.value = False
     assert ui.canvas.mask == b""
-    rgb = E.Editor(lowrank(shape=(3, 4, 4)), image_shape=(3, 4, 4)).widget()
+    rgb = Wd.EditorUI(E.Editor(lowrank(shape=(3, 4, 4)), image_shape=(3, 4, 4)))
     rgb.value_picker.value = "#ff8000"
     assert rgb._brush_value() == (1.0, 128 / 255, 0.0)
 
@@ -389,7 +448,7 @@ def test_editor_over_a_model_prior_draw_and_reconstruction():
     with torch.no_grad():
         expected = model.decode(model.encode(x.unsqueeze(0)).mean).loc.reshape(1, 16, 16)
     assert torch.equal(rec.image, expected)
-    with pytest.raises(ValueError, match=r"^image: an index into the test split needs a run directory"):
+    with pytest.raises(ValueError, match=r"^image: an index into the test split needs a run"):
         E.Editor(model, image=0)
     with pytest.raises(ValueError, match=r"^image: must be None, a test-image index or a tensor"):
         E.Editor(model, image=torch.zeros(3, 3))
@@ -400,30 +459,34 @@ def test_editor_over_a_model_prior_draw_and_reconstruction():
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    from sosvae_lib.train import train
-    out = tmp_path_factory.mktemp("run") / "orl-lowrank-r2"
-    train(TrainConfig.preset("smoke", dataset="orl", device="cpu"), out, progress=False)
-    return out
+def smoke_run(smoke_run, tmp_path_factory):
+    """The session's smoke run (conftest), copied: a test here writes eval_test.json into it."""
+    from conftest import copy_run
+    return copy_run(smoke_run, tmp_path_factory.mktemp("run") / "orl-lowrank-r2")
 
 
 def test_editor_over_a_run_directory_edits_a_test_image(smoke_run):
-    from sosvae_lib.checkpoint import load_run
     from sosvae_lib.components import reconstruction
-    from sosvae_lib.reproduce import test_image
 
+    run = Run(smoke_run)
     ed = E.Editor(smoke_run, image=1)
-    model, config = load_run(smoke_run)
-    assert torch.equal(ed.image.reshape(1, -1), reconstruction(model, test_image(config, 1)).loc)
+    x = run.images("test", 2)[1]
+    assert torch.equal(E.run_image(run, 1), x) and ed.config == run.config
+    assert torch.equal(ed.image.reshape(1, -1), reconstruction(run.load_model(), x).loc)
+    assert torch.equal(E.Editor(run, image=1).image, ed.image)  # a Run or its folder
     assert ed.calibrated is None
-    (smoke_run / "eval_test.json").write_text(json.dumps({"eps_calibrated": 0.003}))
+    run.write_evaluation("test", {"eps_calibrated": 0.003})
     assert E.Editor(smoke_run, image=1).calibrated == 0.003
-    (smoke_run / "eval_test.json").unlink()
+    run.eval_path("test").unlink()
+    run.calibration_path.write_text("{ not a calibration")  # unreadable: the editor works without it, and says so
+    with pytest.warns(UserWarning, match="the stored calibration is not used"):
+        assert E.Editor(run, image=1).calibrated is None
+    run.calibration_path.unlink()
 
 
 @pytest.mark.parametrize("head", ["lowrank", "diagonal"])
 def test_scripted_session_records_the_checks_and_draws_the_figure(head, tmp_path):
-    from sosvae_lib.plots import save_figure
+    from sosvae_lib.plots import save_figure, session_figure
 
     model = _model(head)
     ed = E.Editor(model, seed=0)
@@ -437,7 +500,7 @@ def test_scripted_session_records_the_checks_and_draws_the_figure(head, tmp_path
         assert n["propagated_rms"] == 0 and n["propagated_fraction"] == 0
     else:
         assert n["propagated_rms"] > 0 and n["propagated_fraction"] > 0.5
-    paths = save_figure(E.session_figure({head: s}), tmp_path / "editor")
+    paths = save_figure(session_figure({head: s}), tmp_path / "editor")
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
@@ -514,6 +577,8 @@ def test_a_test_image_index_out_of_range_names_image(smoke_run):
             E.Editor(smoke_run, image=bad)
     with pytest.raises(ValueError, match=r"^image: must be None, a test-image index or a tensor"):
         E.Editor(smoke_run, image=True)
+    with pytest.raises(ValueError, match=r"^image_index: must be in \[0, \d+\) for the test split of orl, got 1000000"):
+        E.run_image(smoke_run, 10 ** 6)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -595,6 +660,15 @@ def test_a_run_of_the_wrong_head_is_refused_naming_its_parameter():
         E.check_runs({"lowrank": low, "diagonal": low})
     with pytest.raises(ValueError, match=r"^runs: unknown row 'pca'"):
         E.check_runs({"pca": low})
+
+
+def test_the_runs_of_an_editing_notebook_must_be_finished(smoke_run, tmp_path):
+    E.check_runs({"lowrank": Run(smoke_run)})
+    E.check_runs({"lowrank": str(smoke_run)})  # the notebooks' parameter as it is
+    with pytest.raises(FileNotFoundError, match=r"^lowrank_run: no finished run in .*train_missing=True"):
+        E.check_runs({"lowrank": tmp_path / "none"})
+    with pytest.raises(ValueError, match=r"^diagonal_run: is a run of the 'lowrank' head"):
+        E.check_runs({"diagonal": smoke_run})
 
 
 @pytest.mark.slow

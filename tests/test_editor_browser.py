@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from sosvae_lib import editor as E
+from sosvae_lib import editing as E
 from sosvae_lib.reproduce import NOTEBOOKS_DIR
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -40,8 +40,9 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 FRONTENDS = {"lab": "lab/tree", "notebook": "notebooks"}  # JupyterLab 4 and Notebook 7: URL path of a notebook
 
 _missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-pytestmark = pytest.mark.skipif(bool(_missing), reason=f"no {' and no '.join(_missing)}: install Debian's chromium "
-                                                     f"and chromium-driver (.ci/run does) to run the browser test")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(_missing), reason=f"no {' and no '.join(_missing)}: install Debian's chromium "
+                                                      f"and chromium-driver (.ci/run does) to run the browser test")]
 
 
 def _free_port() -> int:
@@ -56,15 +57,12 @@ def _get(url: str, timeout: float = 5.0) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(trained_smoke_run) -> Path:
+    """$SOSVAE_EDITOR_RUN, else the session's smoke run (conftest; only read here)."""
     given = os.environ.get("SOSVAE_EDITOR_RUN")
     if given:
         return Path(given).resolve()
-    from sosvae_lib.config import TrainConfig
-    from sosvae_lib.train import train
-    out = tmp_path_factory.mktemp("editor-run") / "orl-lowrank-r2"
-    train(TrainConfig.preset("smoke", dataset="orl", device="cpu"), out, progress=False)
-    return out
+    return trained_smoke_run()
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +253,8 @@ def test_the_editor_paints_in_the_browser(frontend, server, browser, run_dir, tm
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas)
     wait.until(lambda d: int(canvas.get_attribute("data-version") or 0) >= 1 and "0 strokes" in _status(d))
     rect = browser.execute_script("return arguments[0].getBoundingClientRect().toJSON();", canvas)
-    from sosvae_lib.checkpoint import load_run
-    shape = load_run(run_dir)[0].image_shape
+    from sosvae_lib.runs import Run
+    shape = Run(run_dir).load_model().image_shape
     c, h, w = shape
     cell_w, cell_h = rect["width"] / w, rect["height"] / h
     assert abs(rect["width"] - w * (512 // max(h, w))) < 1  # drawn enlarged, an integer number of px per pixel

@@ -23,21 +23,17 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import copy_run as _copy_run
+from conftest import train_cli as _cli
 from sosvae_lib import checkpoint as ckpt_io
 from sosvae_lib import data, evaluate
-from sosvae_lib import train as train_mod
 from sosvae_lib.config import TrainConfig, check_mapping
 from sosvae_lib.data import load_dataset
+from sosvae_lib.runs import Run
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--config", "smoke", "--dataset", "orl", "--device", "cpu", "--no-progress"]
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = train_mod.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _one_line_error(err: str, pattern: str) -> None:
@@ -76,16 +72,11 @@ def shared_tmp():
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """A finished 2-epoch smoke run (the diagonal head: the fastest)."""
-    out = tmp_path_factory.mktemp("run") / "r"
-    assert train_mod.main([*SMOKE, "--head", "diagonal", "--epochs", "2", "--out", str(out)]) == 0
-    return out
-
-
-def _copy_run(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest)
-    return dest
+def smoke_run(trained_smoke_run):
+    """A finished 2-epoch smoke run (the diagonal head: the fastest), shared for the session (conftest): read it,
+    or _copy_run it before writing into it. The same run as `--config smoke --dataset orl --device cpu --head
+    diagonal --epochs 2`."""
+    return trained_smoke_run(head="diagonal", epochs=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,18 +222,18 @@ def test_damaged_checkpoint_is_refused_by_resume_and_evaluate(damage, smoke_run,
     _one_line_error(err, rf"^error: checkpoint: {path} {pattern}")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing written
     with pytest.raises(ckpt_io.CheckpointError, match=pattern):
-        ckpt_io.load_run(run)
+        Run(run).load_model()
 
 
 def test_checkpoint_digest_covers_every_weight(smoke_run, tmp_path):
-    state = ckpt_io.load_checkpoint(smoke_run)
+    state = Run(smoke_run).checkpoint()
     assert state["weights_sha256"] == ckpt_io.tensor_digest(state["model"])
     name = next(iter(state["model"]))
     state["model"][name] = state["model"][name].clone()
     state["model"][name].view(-1)[0] += 1e-3
-    torch.save(state, tmp_path / "checkpoint.pt")
+    torch.save(state, Run(tmp_path).checkpoint_path)
     with pytest.raises(ckpt_io.CheckpointError, match="its model tensors do not match"):
-        ckpt_io.load_checkpoint(tmp_path)
+        Run(tmp_path).checkpoint()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,7 +262,7 @@ def test_resume_takes_the_stored_configuration(smoke_run, tmp_path, capsys):
     _one_line_error(err, rf"^error: epochs: the run in {run} has already trained 3 epochs; give epochs >= 3")
     assert (run / "config.json").read_bytes() == before
     assert json.loads((run / "summary.json").read_text())["epochs"] == 3
-    assert ckpt_io.load_checkpoint(run)["epoch"] == 3
+    assert Run(run).checkpoint()["epoch"] == 3
 
 
 def test_preset_pretraining_is_a_fraction_of_the_epochs(capsys, tmp_path):
@@ -292,8 +283,8 @@ def test_preset_pretraining_is_a_fraction_of_the_epochs(capsys, tmp_path):
 def test_second_training_into_the_same_out_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom sosvae_lib.checkpoint import run_lock\n"
-                               "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n",
+        [sys.executable, "-c", "import sys, time\nfrom sosvae_lib.runs import Run\n"
+                               "with Run(sys.argv[1]).lock():\n    print('locked', flush=True)\n    time.sleep(120)\n",
          str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -313,12 +304,12 @@ def test_second_training_into_the_same_out_is_refused_and_a_killed_one_leaves_no
 
 
 def test_run_lock_in_process(tmp_path):
-    with ckpt_io.run_lock(tmp_path / "r"):
+    with Run(tmp_path / "r").lock():
         with pytest.raises(ckpt_io.RunLockedError, match=rf"out: {tmp_path / 'r'} is being written by another "
                                                          rf"training \(pid {os.getpid()}\)"):
-            with ckpt_io.run_lock(tmp_path / "r"):
+            with Run(tmp_path / "r").lock():
                 pass
-    with ckpt_io.run_lock(tmp_path / "r"):  # released on exit
+    with Run(tmp_path / "r").lock():  # released on exit
         pass
 
 
@@ -334,6 +325,7 @@ def test_mapping_parameters_name_themselves():
         check_mapping("overrides", {1: 2}, '{"epochs": 2}')
 
 
+@pytest.mark.slow
 def test_train_notebook_names_a_string_override(tmp_path):
     import papermill as pm
 
@@ -349,6 +341,7 @@ def test_train_notebook_names_a_string_override(tmp_path):
     assert not out_dir.exists()
 
 
+@pytest.mark.slow
 def test_metrics_notebook_names_a_string_eval_options(tmp_path):
     import papermill as pm
 

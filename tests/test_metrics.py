@@ -394,16 +394,15 @@ EVAL_KEYS = ("test_nll_bpd", "elbo_bpd", "iwae_k", "kl_nats", "target_kl", "resi
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
-    from sosvae_lib.config import TrainConfig
-    from sosvae_lib.train import train
+def smoke_runs(trained_smoke_run, tmp_path_factory):
+    """The session's smoke runs (conftest), copied: evaluate writes eval_test.json and calibration.json into them."""
+    from conftest import copy_run
 
     root = tmp_path_factory.mktemp("runs")
     runs = {}
     for name, overrides in (("lowrank", dict(head="lowrank")), ("diagonal", dict(head="diagonal")),
                             ("synthetic", dict(head="lowrank", dataset="synthetic", max_items=16))):
-        train(TrainConfig.preset("smoke", **overrides), root / name, progress=False)
-        runs[name] = root / name
+        runs[name] = copy_run(trained_smoke_run(**overrides), root / name)
     return runs
 
 
@@ -430,8 +429,8 @@ def test_evaluate_lowrank_run(smoke_runs):
     assert out["val_recon_nll_bpd_calibrated"] < out["val_recon_nll_bpd"]
     assert out["test_nll_bpd_calibrated"] < out["test_nll_bpd"]
     assert out["calibration_images"] == 40  # orl's val split
-    from sosvae_lib.calibration import read_calibration
-    assert read_calibration(run).scale == out["diag_scale_calibrated"]
+    from sosvae_lib.runs import Run
+    assert Run(run).calibration().scale == out["diag_scale_calibrated"]
     # the first version's keys are the patch10 family's
     assert out["correction_rmse_cond"] == out["correction_rmse_cond_patch10"]
     assert out["correction_nll_bpd_uncond_maxvar"] == out["correction_nll_bpd_uncond_patch10_maxvar"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sosvae_lib import reproduce, tables
+from sosvae_lib.runs import Run
 
 CELL_TIMEOUT = 240  # seconds per cell
 VARIANTS = ("orl-lowrank-r1", "orl-lowrank-r2", "orl-diagonal")
@@ -35,6 +37,7 @@ def _numbers(smoke, name: str) -> dict:
     return json.loads((smoke["dir"] / "figures" / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_smoke_reproduction_writes_every_expected_file(smoke):
     assert smoke["rc"] == 0
     d = smoke["dir"]
@@ -58,9 +61,10 @@ def test_smoke_reproduction_writes_every_expected_file(smoke):
     assert set(status["runs"]) == set(VARIANTS) and status["wall_seconds"] < 300
     # the runs are complete and would be reused by a second invocation
     for v in reproduce.plan("smoke"):
-        assert reproduce.run_state(d / "runs" / v.name, v.config()) == "complete"
+        assert Run(d / "runs" / v.name).state(v.config()) == "complete"
 
 
+@pytest.mark.slow
 def test_metrics_table_has_the_issue_columns_and_sane_numbers(smoke):
     with (smoke["dir"] / "tables" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -78,6 +82,7 @@ def test_metrics_table_has_the_issue_columns_and_sane_numbers(smoke):
             assert float(r["correction_rmse_cond"]) == pytest.approx(float(r["correction_rmse_uncond"]), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_01_train_records_the_final_epoch(smoke):
     for v in reproduce.plan("smoke"):
         n = _numbers(smoke, f"{v.name}_training")
@@ -87,6 +92,7 @@ def test_01_train_records_the_final_epoch(smoke):
         assert n["target_kl"] == v.config().target_kl
 
 
+@pytest.mark.slow
 def test_02_samples_records_structured_and_white_residuals(smoke):
     n = _numbers(smoke, "orl_samples")
     c, h, w = n["pixel"]
@@ -100,6 +106,7 @@ def test_02_samples_records_structured_and_white_residuals(smoke):
     assert n["lowrank"]["cov_offdiag_fraction"] > 0.5
 
 
+@pytest.mark.slow
 def test_03_editing_propagates_only_with_the_lowrank_model(smoke):
     n = _numbers(smoke, "orl_editing")
     for name in ("lowrank", "diagonal"):
@@ -111,6 +118,7 @@ def test_03_editing_propagates_only_with_the_lowrank_model(smoke):
     assert n["diagonal"]["rmse_cond"] == pytest.approx(n["diagonal"]["rmse_uncond"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_04_components_records_the_spectrum_and_interpolations(smoke):
     n = _numbers(smoke, "orl_components")
     s = n["sweeps"]
@@ -123,6 +131,7 @@ def test_04_components_records_the_spectrum_and_interpolations(smoke):
         assert 0 < it["lerp_norm_ratio"] <= it["slerp_norm_ratio"] + 1e-6 and it["slerp_norm_ratio"] <= 1.5
 
 
+@pytest.mark.slow
 def test_06_editor_applies_the_scripted_strokes_through_the_editor_api(smoke):
     n = _numbers(smoke, "orl_editor")
     assert set(n) == {"lowrank", "diagonal"}
@@ -142,6 +151,7 @@ def test_06_editor_applies_the_scripted_strokes_through_the_editor_api(smoke):
     assert "application/vnd.jupyter.widget-view+json" in mimes
 
 
+@pytest.mark.slow
 def test_05_metrics_records_the_table_rows(smoke):
     n = _numbers(smoke, "metrics_vs_rank")
     assert len(n["rows"]) == 5
@@ -164,6 +174,7 @@ def test_every_parameter_is_commented(name):
     assert all(p["help"] for p in params.values()), [k for k, p in params.items() if not p["help"]]
 
 
+@pytest.mark.slow
 def test_a_notebook_runs_on_its_own_with_its_default_parameters(tmp_path):
     """05_metrics with its defaults trains and evaluates the smoke plan itself (paths relative to its folder)."""
     cwd = tmp_path / "notebooks"
@@ -175,3 +186,22 @@ def test_a_notebook_runs_on_its_own_with_its_default_parameters(tmp_path):
                                                           ("pca", 1), ("pca", 2)}
     assert (tmp_path / "runs" / "smoke" / "tables" / "metrics.md").is_file()
     shutil.rmtree(tmp_path / "runs")
+
+
+@pytest.mark.slow
+def test_a_second_run_keeps_every_notebook_and_run(smoke, monkeypatch):
+    """Resuming a finished reproduction executes nothing: the runs are reused, each executed notebook is kept (same
+    parameters, newer than its runs), so a reproduction cut into time-limited commands moves forward."""
+    executed = []
+    monkeypatch.setattr(reproduce, "execute_notebook", lambda name, *a, **k: executed.append(name))
+    out = smoke["dir"].parent
+    assert reproduce.main(["--scale", "smoke", "--out", str(out), "--cell-timeout", str(CELL_TIMEOUT)]) == 0
+    assert executed == []
+    status = json.loads((smoke["dir"] / "reproduce.json").read_text())
+    assert {r["state"] for r in status["runs"].values()} == {"complete"} and status["failed"] == []
+    # an evaluation written again (newer than the executed notebooks) makes the notebooks that read it run again
+    eval_file = smoke["dir"] / "runs" / "orl-diagonal" / "eval_test.json"
+    later = time.time() + 5
+    os.utime(eval_file, (later, later))
+    assert reproduce.main(["--scale", "smoke", "--out", str(out), "--cell-timeout", str(CELL_TIMEOUT)]) == 0
+    assert sorted(executed) == ["02_samples", "03_editing", "04_components", "05_metrics", "06_editor"]

@@ -1,4 +1,4 @@
-"""Known-answer tests of the figure computations (`sosvae_lib.components`), the figures (`sosvae_lib.plots`), the
+"""Known-answer tests of the figure computations (`sosvae_lib.components`, `sosvae_lib.editing`), the figures (`sosvae_lib.plots`), the
 metrics table (`sosvae_lib.tables`) and the plan of `sosvae_lib.reproduce`, on hand-built distributions small
 enough for dense float64 references."""
 
@@ -12,6 +12,7 @@ import torch
 from matplotlib.figure import Figure
 
 from sosvae_lib import components as C
+from sosvae_lib import editing as Ed
 from sosvae_lib import plots, reproduce, tables
 from sosvae_lib.distributions import DiagonalNormal, LowRankNormal
 
@@ -116,19 +117,23 @@ def test_lerp_and_slerp():
     torch.testing.assert_close(C.slerp(z0, z0, t), z0.expand(5, -1))  # Ω = 0: falls back to lerp
 
 
-def test_stroke_mask_rasterises_a_line_in_every_channel():
-    m = C.stroke_mask((3, 10, 10), [(0.5, 0.0), (0.5, 1.0)])
+def test_edit_strokes_paint_a_line_in_every_channel():
+    g = torch.Generator().manual_seed(0)
+    rgb = LowRankNormal(torch.rand(1, 300, generator=g), 0.1 * torch.randn(1, 300, 2, generator=g), torch.tensor(0.01))
+    m = Ed.edit_strokes(rgb, (3, 10, 10), [((0.5, 0.0), (0.5, 1.0))]).masks[-1]
     grid = m.reshape(3, 10, 10)
-    assert grid.sum() == 30 and grid[:, 4].all()  # row 0.5·(10 − 1) = 4.5 rounds to 4
+    assert grid.sum() == 30 and grid[:, 4].all()  # row 0.5·(10 − 1) = 4.5 rounds (to even) to 4
     assert (grid[0] == grid[2]).all()
-    assert C.stroke_mask((1, 10, 10), [(0.5, 0.5)], width=3).sum() == 9
+    assert Ed.edit_strokes(rgb, (3, 10, 10), [((0.5, 0.5),)], width=3).masks[-1].sum() == 3 * 9
     with pytest.raises(ValueError, match="points"):
-        C.stroke_mask((1, 10, 10), [(1.5, 0.5)])
+        Ed.edit_strokes(rgb, (3, 10, 10), [((1.5, 0.5),)])
+    with pytest.raises(ValueError, match="strokes"):
+        Ed.edit_strokes(rgb, (3, 10, 10), [])
 
 
 def test_edit_strokes_propagate_by_the_dense_conditional_and_not_for_diagonal():
     dist = _lowrank(rank=3)
-    edit = C.edit_strokes(dist, SHAPE, value=0.0)
+    edit = Ed.edit_strokes(dist, SHAPE, value=0.0)
     mask = edit.masks[-1]
     sigma = _dense(dist)
     mu = dist.loc.reshape(D)
@@ -140,24 +145,24 @@ def test_edit_strokes_propagate_by_the_dense_conditional_and_not_for_diagonal():
     assert edit.masks[0].sum() < edit.masks[1].sum() and (edit.masks[0] <= edit.masks[1]).all()
     assert edit.summary()["propagated_rms"] > 1e-3
     diag = DiagonalNormal(dist.loc, torch.full_like(dist.loc, 0.01))
-    s = C.edit_strokes(diag, SHAPE).summary()
+    s = Ed.edit_strokes(diag, SHAPE).summary()
     assert s["propagated_rms"] == 0.0 and s["propagated_max"] == 0.0 and s["stroke_pixels"] == float(mask.sum())
 
 
 def test_patch_completions_keep_the_patch_and_match_the_conditional_mean():
     dist = _lowrank(rank=3)
     x = dist.from_noise(torch.randn(3, dtype=torch.float64), torch.randn(D, dtype=torch.float64)).reshape(D)
-    comp = C.patch_completions(dist, x, SHAPE, top=2, left=3, size=4, n=50, seed=0)
+    comp = Ed.patch_completions(dist, x, SHAPE, top=2, left=3, size=4, n=50, seed=0)
     assert comp.mask.sum() == 16 and comp.samples.shape == (50, D)
     s = comp.summary()
     assert s["patch_error"] == 0.0
     assert s["rmse_cond"] < s["rmse_uncond"]  # x was drawn from dist: revealing part of it helps
     torch.testing.assert_close(comp.samples.mean(0), comp.cond_mean, atol=0.05, rtol=0)
     diag = DiagonalNormal(dist.loc, torch.full_like(dist.loc, 0.01))
-    d = C.patch_completions(diag, x, SHAPE, 2, 3, 4, n=3).summary()
+    d = Ed.patch_completions(diag, x, SHAPE, 2, 3, 4, n=3).summary()
     assert d["rmse_cond"] == pytest.approx(d["rmse_uncond"], abs=1e-12)
     with pytest.raises(ValueError, match="top, left"):
-        C.patch_completions(dist, x, SHAPE, top=6, left=0, size=4)
+        Ed.patch_completions(dist, x, SHAPE, top=6, left=0, size=4)
 
 
 def test_object_pixel_picks_the_most_uncertain_central_pixel():
@@ -195,7 +200,7 @@ def test_interpolate_uses_fixed_noise():
 
 def test_editors_share_the_revealed_square():
     x = torch.rand(SHAPE)
-    out = C.editors({"lowrank": FakeModel(), "diagonal": FakeModel(diagonal=True)}, x, patch=4, n=2)
+    out = Ed.edit_panels({"lowrank": FakeModel(), "diagonal": FakeModel(diagonal=True)}, x, patch=4, n=2)
     assert torch.equal(out["lowrank"][1].mask, out["diagonal"][1].mask)
     assert out["diagonal"][0].summary()["propagated_rms"] == 0.0
 
@@ -205,8 +210,10 @@ def test_figures_are_built_with_the_documented_layout(tmp_path):
     models = {"lowrank": FakeModel(), "diagonal": FakeModel(diagonal=True)}
     fig = plots.samples_figure(models, n=3)
     assert isinstance(fig, Figure) and sum(len(s.axes) for s in fig.subfigs) == 2 * 6 * 3
-    fig = plots.editor_figure(C.editors(models, torch.rand(SHAPE), patch=4, n=2))
+    fig = plots.editor_figure(Ed.edit_panels(models, torch.rand(SHAPE), patch=4, n=2))
     assert sum(len(s.axes) for s in fig.subfigs) == 2 * 2 * 5
+    sessions = {k: Ed.scripted_session(Ed.Editor(m, seed=0), n_samples=2) for k, m in models.items()}
+    assert len(plots.session_figure(sessions).axes) == 2 * (1 + 2 * 2 + 2)  # μ, 2 × (stroke, change), 2 samples
     sweeps = C.component_sweeps(C.prior_mode(models["lowrank"]), SHAPE)
     assert len(plots.sweeps_figure(sweeps, "columns").axes) == 3 * 8
     with pytest.raises(ValueError, match="kind"):
@@ -292,20 +299,6 @@ def test_absent_data_is_a_skip_line_not_a_crash(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skip folder: data not found" in out
     assert "Skipped" in (tmp_path / "cpu" / "README.md").read_text()
-
-
-def test_run_state(tmp_path):
-    assert reproduce.run_state(tmp_path / "none") == "absent"
-    v = reproduce.plan("smoke")[0]
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
-    (tmp_path / "config.json").write_text(json.dumps(v.config().to_dict()))
-    assert reproduce.run_state(tmp_path, v.config()) == "partial"
-    (tmp_path / "summary.json").write_text(json.dumps(dict(complete=True, epochs=v.config().epochs)))
-    assert reproduce.run_state(tmp_path, v.config()) == "complete"
-    assert reproduce.run_state(tmp_path, reproduce.plan("smoke")[1].config()) == "stale"
-    assert reproduce.run_state(tmp_path, v.config().replace(epochs=3)) == "partial"  # more epochs: resumed
-    (tmp_path / "config.json").write_text(json.dumps(v.config().replace(epochs=3).to_dict()))
-    assert reproduce.run_state(tmp_path, v.config()) == "stale"  # trained past the plan
 
 
 def test_command_line_rejects_bad_arguments(capsys):

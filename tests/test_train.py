@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import smoke_config as smoke
 from sosvae_lib import train as train_mod
-from sosvae_lib.checkpoint import load_checkpoint, load_run
 from sosvae_lib.config import TrainConfig
+from sosvae_lib.runs import Run
 from sosvae_lib.train import train, weights_digest
 
 torch.set_num_threads(1)
@@ -25,8 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 DATASET = "orl"
 
 
-def smoke(**kw) -> TrainConfig:
-    return TrainConfig.preset("smoke", dataset=DATASET, device="cpu", **kw)
+def load_checkpoint(folder: Path) -> dict:
+    return Run(folder).checkpoint()
+
+
+def load_run(folder: Path):
+    run = Run(folder)
+    return run.load_model(), run.config
 
 
 def _file_hash(path: Path) -> str:
@@ -135,6 +141,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str) -> 
     Path(result_dir, f"rank{rank}.json").write_text(json.dumps(summary))
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_ends_with_identical_weights(tmp_path):
     import torch.multiprocessing as mp
 
@@ -152,6 +159,7 @@ def test_two_process_gloo_run_ends_with_identical_weights(tmp_path):
     assert [int(r["images"]) for r in rows] == [24, 24]
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ok = subprocess.run([sys.executable, "-m", "sosvae_lib.train", "--config", "smoke", "--dataset", DATASET,
@@ -184,6 +192,7 @@ def _cli_run(out: Path, threads: int, *extra: str) -> str:
     return json.loads((out / "summary.json").read_text())["weights_sha256"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_same_seed_same_weights_in_fresh_processes(tmp_path, threads):
     a = _cli_run(tmp_path / "a", threads, "--epochs", "3")
@@ -191,6 +200,7 @@ def test_same_seed_same_weights_in_fresh_processes(tmp_path, threads):
     assert a == b
 
 
+@pytest.mark.slow
 def test_cli_resume_equals_a_straight_run_with_two_threads_and_with_workers(tmp_path):
     straight = _cli_run(tmp_path / "straight", 2, "--epochs", "4")
     for name, extra in (("threads", ()), ("workers", ("--num-workers", "2"))):

@@ -16,7 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import train_cli as _cli
 from sosvae_lib import checkpoint as ckpt_io
+from sosvae_lib.runs import Run, resolve_root
 from sosvae_lib import data, evaluate
 from sosvae_lib import train as train_mod
 from sosvae_lib.config import TrainConfig
@@ -24,12 +26,6 @@ from sosvae_lib.config import TrainConfig
 torch.set_num_threads(1)
 SMOKE = ["--config", "smoke", "--dataset", "orl", "--device", "cpu", "--no-progress"]
 TINY = [*SMOKE, "--head", "diagonal", "--max-items", "8"]
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = train_mod.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _one_line(err: str, pattern: str) -> str:
@@ -100,7 +96,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_takes_its_config(tmp
     assert "done: 2 epochs" in out
     assert seen == [stored.replace(epochs=2)] * 2
     assert json.loads((run / "config.json").read_text()) == stored.replace(epochs=2).to_dict()
-    assert ckpt_io.load_checkpoint(run)["config"] == stored.replace(epochs=2).to_dict()
+    assert Run(run).checkpoint()["config"] == stored.replace(epochs=2).to_dict()
 
 
 @pytest.mark.parametrize("case", ["empty", "missing"])
@@ -138,9 +134,9 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes_exactly(tmp_path, capsy
     line = _one_line(err, r"^interrupted at epoch 2 of 3; resume with `")
     command = f"python -m sosvae_lib.train --out {shlex.quote(str(run))} --resume"
     assert line == f"interrupted at epoch 2 of 3; resume with `{command}`"
-    assert ckpt_io.load_checkpoint(run)["epoch"] == 1  # the last checkpoint, intact (digests verified)
+    assert Run(run).checkpoint()["epoch"] == 1  # the last checkpoint, intact (digests verified)
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
-    with ckpt_io.run_lock(run):  # released
+    with Run(run).lock():  # released
         pass
     # the API raises a KeyboardInterrupt carrying the same line
     with pytest.raises(KeyboardInterrupt, match=r"^interrupted at epoch 2 of 3; resume with"):
@@ -163,9 +159,9 @@ def test_a_file_given_as_a_run_folder_is_named_as_such(tmp_path, capsys):
     a_file.write_text("not a run")
     with pytest.raises(NotADirectoryError, match=rf"^run_dir: {re.escape(str(a_file))} is a file, not a run "
                                                  r"folder; give the --out folder of a training run$"):
-        ckpt_io.load_run(a_file)
+        Run(a_file).load_model()
     with pytest.raises(ckpt_io.CheckpointError, match=r"is not a checkpoint") as info:
-        ckpt_io.load_checkpoint(a_file)
+        ckpt_io.load_checkpoint(a_file, own=False)
     assert "delete it" not in str(info.value)
     rc, _, err = _cli(capsys, *TINY, "--resume", "--out", str(a_file))
     assert rc == 2
@@ -176,9 +172,8 @@ def test_a_file_given_as_a_run_folder_is_named_as_such(tmp_path, capsys):
 def test_load_run_takes_the_run_folder_or_its_checkpoint_file(tmp_path, capsys):
     run = tmp_path / "run"
     assert _cli(capsys, *TINY, "--out", str(run))[0] == 0
-    a, config_a = ckpt_io.load_run(run)
-    b, config_b = ckpt_io.load_run(run / "checkpoint.pt")
-    assert config_a == config_b
+    a, b = Run(run).load_model(), Run(run / "checkpoint.pt").load_model()
+    assert Run(run).config == Run(run / "checkpoint.pt").config
     assert train_mod.weights_digest(a) == train_mod.weights_digest(b)
 
 
@@ -202,7 +197,7 @@ def test_a_relative_root_is_stored_absolute_and_evaluates_from_elsewhere(tmp_pat
     run = tmp_path / "runs" / "r"
     root = str(tmp_path / "data")
     assert json.loads((run / "config.json").read_text())["root"] == root
-    assert ckpt_io.load_checkpoint(run)["config"]["root"] == root
+    assert Run(run).checkpoint()["config"]["root"] == root
     # the same folder given relatively or absolutely on --resume is the same run
     rc, _, err = _cli(capsys, "--resume", "--root", "./data/", "--epochs", "2", "--no-progress", "--out", "runs/r")
     assert rc == 0, err
@@ -221,19 +216,19 @@ def test_an_old_run_with_a_relative_root_is_found_from_another_folder(tmp_path, 
                       "--head", "diagonal", "--device", "cpu", "--no-progress", "--out", str(run))
     assert rc == 0, err
     # what a run trained before roots were stored absolute holds: the root as typed, relative to where it was trained
-    state = ckpt_io.load_checkpoint(run)
+    state = Run(run).checkpoint()
     state["config"]["root"] = "data"
-    ckpt_io.atomic_save(state, run / "checkpoint.pt")
+    Run(run).write_checkpoint(state)
     (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")
-    _, config = ckpt_io.load_run(run)
+    config = Run(run).config
     assert config.root == str(tmp_path / "data")  # the run folder's ancestor that holds it
-    assert ckpt_io.resolve_root("data", run) == str(tmp_path / "data")
+    assert resolve_root("data", run) == str(tmp_path / "data")
     (tmp_path / "elsewhere" / "deeper" / "data").mkdir()  # the current folder wins, as when the run was trained
-    assert ckpt_io.resolve_root("data", run) == str(tmp_path / "elsewhere" / "deeper" / "data")
-    assert ckpt_io.resolve_root("nowhere", run) == str(tmp_path / "elsewhere" / "deeper" / "nowhere")
-    assert ckpt_io.resolve_root(None, run) is None
-    assert ckpt_io.resolve_root(str(tmp_path / "x" / ".." / "data"), run) == str(tmp_path / "data")
+    assert resolve_root("data", run) == str(tmp_path / "elsewhere" / "deeper" / "data")
+    assert resolve_root("nowhere", run) == str(tmp_path / "elsewhere" / "deeper" / "nowhere")
+    assert resolve_root(None, run) is None
+    assert resolve_root(str(tmp_path / "x" / ".." / "data"), run) == str(tmp_path / "data")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,7 +253,7 @@ def test_stale_temporaries_of_a_killed_write_are_removed_at_the_next_start(tmp_p
     assert _cli(capsys, *TINY, "--out", str(run))[0] == 0
     stale = [run / ".checkpoint.pt.k1lld34d.tmp", run / ".metrics.csv.x8y7z6w5.tmp", run / ".config.json.ab12cd34.tmp"]
     foreign = run / ".eval_test.json.qwertyui.tmp"  # an evaluation may be writing it now, without the lock
-    with ckpt_io.run_lock(run):  # a live training holds the folder and is writing: its temporaries are not touched
+    with Run(run).lock():  # a live training holds the folder and is writing: its temporaries are not touched
         for p in [*stale, foreign]:
             p.write_bytes(b"half a write")
         rc, _, err = _cli(capsys, *TINY, "--epochs", "2", "--resume", "--out", str(run))
@@ -268,7 +263,7 @@ def test_stale_temporaries_of_a_killed_write_are_removed_at_the_next_start(tmp_p
     assert rc == 0, err
     assert not any(p.exists() for p in stale)
     assert foreign.read_bytes() == b"half a write"
-    assert ckpt_io.load_checkpoint(run)["epoch"] == 2
+    assert Run(run).checkpoint()["epoch"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +294,7 @@ def test_run_lock_never_holds_a_lock_file_that_was_removed(tmp_path, monkeypatch
     import fcntl
 
     run = tmp_path / "r"
-    with ckpt_io.run_lock(run):  # refused before writing anything: neither the lock file nor the folder stays
+    with Run(run).lock():  # refused before writing anything: neither the lock file nor the folder stays
         pass
     assert not run.exists()
     # A process that opened train.lock just before its holder removed it must not lock that orphaned file (a third
@@ -310,20 +305,20 @@ def test_run_lock_never_holds_a_lock_file_that_was_removed(tmp_path, monkeypatch
 
     def open_then_holder_removes_it(path, *args, **kwargs):
         fd = real_open(path, *args, **kwargs)
-        if str(path) == str(run / ckpt_io.LOCK) and not swapped:
+        if str(path) == str(Run(run).lock_path) and not swapped:
             swapped.append(os.fstat(fd).st_ino)
             os.unlink(path)
             Path(path).write_text("")  # the next training's new lock file
         return fd
     monkeypatch.setattr(os, "open", open_then_holder_removes_it)
-    with ckpt_io.run_lock(run):
+    with Run(run).lock():
         monkeypatch.setattr(os, "open", real_open)
         assert swapped
-        fd = os.open(run / ckpt_io.LOCK, os.O_RDWR)
+        fd = os.open(Run(run).lock_path, os.O_RDWR)
         try:
             with pytest.raises(BlockingIOError):  # the file the path names is the one held
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(fd)
-        assert (run / ckpt_io.LOCK).read_text() == f"{os.getpid()}\n"
-    assert (run / ckpt_io.LOCK).is_file() and (run / "keep.txt").is_file()
+        assert (Run(run).lock_path).read_text() == f"{os.getpid()}\n"
+    assert (Run(run).lock_path).is_file() and (run / "keep.txt").is_file()

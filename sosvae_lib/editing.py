@@ -1,13 +1,16 @@
-"""The interactive editor of SOS-VAE, in Jupyter (Langley et al., "Structured Uncertainty in the Observation Space
-of Variational Autoencoders", TMLR 2022: the paper's third showcase, a dark stroke on the hair propagated to the
-whole image by Gaussian conditioning, and the authors' sampler with one slider per component).
+"""Editing an image by Gaussian conditioning, the paper's third showcase (Langley et al., "Structured Uncertainty in
+the Observation Space of Variational Autoencoders", TMLR 2022: a dark stroke on the hair propagated to the whole
+image, completions given a revealed patch, and the authors' sampler with one slider per principal direction).
 
-`Editor` holds the state and works without any frontend: ``Editor(run_dir_or_model, image=...)``, then
-``paint(points, value, width)``, ``image`` (the propagated image, [C, H, W]), ``undo()``, ``reset()``,
-``samples(n)``, ``directions()`` / ``explore(t)`` (principal directions of P Pᵀ) and ``set_eps(eps)`` (no smaller
-than ``min_eps``). The editing notebooks check their parameters and runs with `check_parameters` and `check_runs`.
-``Editor.widget()`` builds the Jupyter widget (anywidget + ipywidgets, the ``notebooks`` extra) whose mouse and
-button handlers call exactly these methods.
+One stroke rasteriser (`stroke_pixels`), one state machine (`Editor`), and what the figures and notebooks build on
+them: `edit_strokes` / `patch_completions` / `edit_panels` (notebooks/03_editing.ipynb, `plots.editor_figure`) and
+`scripted_session` (notebooks/06_editor.ipynb, `plots.session_figure`). The Jupyter widget over an `Editor` lives
+apart, in `sosvae_lib.widget`; a run folder is read through `sosvae_lib.runs.Run`.
+
+`Editor` works without any frontend: ``Editor(run_or_model, image=...)``, then ``paint(points, value, width)``,
+``image`` (the propagated image, [C, H, W]), ``undo()``, ``reset()``, ``samples(n)``, ``directions()`` /
+``explore(t)`` (principal directions of P Pᵀ) and ``set_eps(eps)`` (no smaller than ``min_eps``). The editing
+notebooks check their parameters and runs with `check_parameters` and `check_runs`.
 
 After every stroke the image is the conditional mean E[x | x_S = painted values] over the set S of every pixel
 painted so far, computed from the decoded distribution by `LowRankNormal.condition` (O(D·R²); nothing of size
@@ -19,38 +22,39 @@ point's pixel is (⌊row⌋, ⌊col⌋). On screen the H×W grid is drawn enlarg
 width × height CSS pixels; the screen point (x, y) from the canvas' top-left corner is the point
 (y·H/height, x·W/width) (`screen_to_pixel`), which is exact: pixel (i, j) is drawn on the screen rectangle
 [j·width/W, (j+1)·width/W) × [i·height/H, (i+1)·height/H). A stroke joins the pixels of consecutive points by
-straight 8-connected pixel lines, and a brush of width w paints the w×w square of pixels around each of them
-(offsets −⌊(w−1)/2⌋ … ⌊w/2⌋, as `components.stroke_mask`), clipped at the image border, every channel.
+straight 8-connected pixel lines (DDA: one pixel per step along the longer axis), and a brush of width w paints the
+w×w square of pixels around each of them (offsets −⌊(w−1)/2⌋ … ⌊w/2⌋), clipped at the image border, every channel.
+Scripted strokes (`DEFAULT_STROKES`) are polylines of (row, col) fractions of the image height and width, mapped to
+pixels by `fraction_points` so that they land on the same places at every image size.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from .components import (DEFAULT_STROKES, EditResult, draw_noise, prior_latents, principal_directions,
-                         reconstruction)
+from .components import draw_noise, prior_latents, principal_directions, reconstruction
 from .config import check_int
 from .distributions import DiagonalNormal, LowRankNormal
+from .heads import head_names, head_spec
+from .metrics import most_uncertain_patch, patch_masks
+from .runs import Run
 
-__all__ = ["Editor", "EditorSession", "screen_to_pixel", "stroke_pixels", "fraction_points", "default_width",
-           "calibrated_eps", "with_eps", "to_rgba", "scripted_session", "session_figure", "EditorUI",
-           "check_parameters", "check_runs", "RUN_HEADS", "EPS_ULPS"]
+__all__ = ["Editor", "EditorSession", "EditResult", "Completions", "DEFAULT_STROKES", "screen_to_pixel",
+           "stroke_pixels", "fraction_points", "default_width", "calibrated_eps", "with_eps", "run_image",
+           "edit_strokes", "patch_completions", "edit_panel", "edit_panels", "scripted_session", "check_parameters",
+           "check_runs", "RUN_HEADS", "run_heads", "EPS_ULPS"]
 
 Shape = tuple[int, int, int]
-CALIBRATION_FILE = "calibration.json"
-"""A run's calibration (`sosvae_lib.calibration`): ``eps``, the calibrated scalar ε of a ``lowrank`` model, and
-``scale``, the multiplier of the trained diagonal."""
-EVAL_FILES = ("eval_val.json", "eval_test.json")
-"""Evaluation files of a run also searched (in this order) for a calibrated ε under the key ``eps_calibrated``."""
+EVAL_SPLITS = ("val", "test")
+"""Evaluation results of a run also searched (in this order) for a calibrated diagonal, when the run has no
+calibration: ``eps_calibrated`` (the calibrated ε of a fixed diagonal) or ``diag_scale_calibrated`` (the multiplier
+of a learned one), as `sosvae_lib.evaluate` records them."""
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -114,7 +118,8 @@ def _cells(points: Any, hw: tuple[int, int]) -> torch.Tensor:
 def stroke_pixels(points: Any, hw: tuple[int, int], width: int = 1) -> torch.Tensor:
     """Boolean [H, W] mask of the pixels a stroke paints: the pixels of ``points`` ([K, 2] (row, col) in pixel
     units, see the module docstring), joined by straight 8-connected lines, each widened to a ``width``×``width``
-    square (clipped at the border)."""
+    square (clipped at the border). The one rasteriser of the package: the widget's strokes, `Editor.paint` and
+    the scripted strokes of the figures all go through it."""
     check_int("width", width, 1)
     h, w = hw
     cells = _cells(points, hw)
@@ -137,8 +142,8 @@ def stroke_pixels(points: Any, hw: tuple[int, int], width: int = 1) -> torch.Ten
 
 def fraction_points(points: Sequence[tuple[float, float]], hw: tuple[int, int]) -> list[tuple[int, int]]:
     """(row, col) fractions of the image height and width in [0, 1] → the pixel (round(f·(H−1)),
-    round(f·(W−1))) of each (the convention of `components.stroke_mask`, so scripted strokes such as
-    `components.DEFAULT_STROKES` land on the same pixels at every image size)."""
+    round(f·(W−1))) of each (Python's round: halves to even), so that scripted strokes such as `DEFAULT_STROKES`
+    land on the same places at every image size; `stroke_pixels` joins them."""
     h, w = hw
     out = []
     for k, p in enumerate(points):
@@ -157,23 +162,29 @@ def default_width(hw: tuple[int, int]) -> int:
 # ε: the trained diagonal or a calibrated one
 # -------------------------------------------------------------------------------------------------------------
 
-def calibrated_eps(run_dir: str | os.PathLike, fixed: bool = True) -> float | None:
-    """The calibrated ε of a run, in the meaning of `with_eps` (the new scalar diagonal when the trained one is a
-    fixed ε, ``fixed``; else the multiplier of the learned diagonal), or None when the run has none (the editor's
-    switch is then hidden). Looked up in ``run_dir/calibration.json`` (``eps`` if ``fixed``, else ``scale``), then
-    under ``eps_calibrated`` in the `EVAL_FILES`; the first finite number > 0 wins."""
-    candidates = [(CALIBRATION_FILE, "eps" if fixed else "scale")] + [(name, "eps_calibrated") for name in EVAL_FILES]
-    for name, key in candidates:
-        path = Path(run_dir) / name
-        if not path.is_file():
-            continue
-        try:
-            value = json.loads(path.read_text()).get(key)
-        except (json.JSONDecodeError, AttributeError, OSError):
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-            return float(value)
+def calibrated_eps(run: Run | str | os.PathLike, fixed: bool = True) -> float | None:
+    """The calibrated diagonal of a run, in the meaning of `with_eps`: the new scalar ε when the trained diagonal is
+    a fixed ε (``fixed``), else the multiplier of the learned diagonal; None when the run has none (the widget's
+    switch is then hidden). Read from the run's calibration (`Run.calibration`: its ``eps`` if ``fixed``, else its
+    ``scale``), else from its evaluation results of the `EVAL_SPLITS` (``eps_calibrated`` if ``fixed``, else
+    ``diag_scale_calibrated``); the first finite number > 0 wins. A calibration file that is not a calibration
+    record is a ValueError naming it (`Run.calibration`)."""
+    run = run if isinstance(run, Run) else Run(run)
+    cal = run.calibration()
+    if cal is not None and (value := _positive(cal.eps if fixed else cal.scale)) is not None:
+        return value
+    key = "eps_calibrated" if fixed else "diag_scale_calibrated"
+    for split in EVAL_SPLITS:
+        result = run.evaluation(split)
+        if isinstance(result, Mapping) and (value := _positive(result.get(key))) is not None:
+            return value
     return None
+
+
+def _positive(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number > 0, else None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else None
 
 
 def _check_eps(eps: Any) -> float | None:
@@ -232,10 +243,11 @@ def _eps_range(dist: Any, fixed: bool) -> tuple[float, float]:
 
 
 def _fixed_diag(dist: Any, model: Any) -> bool:
-    """Whether the diagonal is the fixed scalar ε (the ``lowrank`` head) rather than learned."""
+    """Whether the diagonal is fixed (the ``lowrank`` head's ε; a registered head that does not learn its diagonal,
+    `sosvae_lib.heads.HeadSpec.learns_diag`) rather than learned; without a model, whether it is one value."""
     head = getattr(model, "head_name", None)
     if head is not None:
-        return head == "lowrank"
+        return not head_spec(head).learns_diag
     d = dist.cov_diag.reshape(-1)
     return bool((d == d[0]).all())
 
@@ -280,6 +292,20 @@ def _checked_image(image: Any, shape: Shape, dtype: torch.dtype) -> torch.Tensor
     return x
 
 
+def run_image(run: Run | str | os.PathLike, index: int, name: str = "image_index") -> torch.Tensor:
+    """Image ``index`` [C, H, W] (float in [0, 1]) of the test split of a run's dataset (its name, size and root:
+    `Run.dataset`). An index that is not an integer in [0, N) is a ValueError naming ``name`` (the caller's
+    parameter: ``image_index`` in the editing notebooks, ``image`` for `Editor`)."""
+    run = run if isinstance(run, Run) else Run(run)
+    check_int(name, index, 0)
+    data = run.dataset("test", index + 1)
+    if index >= len(data):
+        raise ValueError(f"{name}: must be in [0, {len(data)}) for the test split of {run.config.dataset}, got "
+                         f"{index}")
+    item = data[index]
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
 @dataclass
 class _State:
     """One entry of the undo stack: mask [D] (painted pixels, all channels), values [D] (their painted values,
@@ -298,12 +324,12 @@ class Editor:
     """Paint on an image and propagate the edit by Gaussian conditioning (see the module docstring).
 
     Args:
-        source: a run directory (str or path), a model (``.decode``, ``.encode``, ``.latent_dim``,
-            ``.image_shape``), or a decoded distribution (``LowRankNormal`` / ``DiagonalNormal`` with batch shape
-            [] or [1], given with ``image_shape``).
+        source: a run (a `sosvae_lib.runs.Run`, or its folder as a str or path), a model (``.decode``,
+            ``.encode``, ``.latent_dim``, ``.image_shape``), or a decoded distribution (``LowRankNormal`` /
+            ``DiagonalNormal`` with batch shape [] or [1], given with ``image_shape``).
         image: what is edited, for a run or a model: None, the mean of a prior draw z ~ N(0, I) (seeded by
             ``seed``); a tensor, the mean of its reconstruction p(x | m(x)); an int, that image of the run's test
-            split (run directories only). Must be None for a distribution. A tensor is [C, H, W] (or [1, C, H, W];
+            split (`run_image`; runs only). Must be None for a distribution. A tensor is [C, H, W] (or [1, C, H, W];
             [H, W] for a one-channel model; channels-last [H, W, C] is refused, not reshaped), uint8 in 0…255
             (divided by 255) or floating point in [0, 1], finite (anything else: a ValueError naming ``image``);
             it is cast to the model's dtype and moved to its device.
@@ -311,10 +337,12 @@ class Editor:
         eps: None keeps the trained diagonal; a number replaces it (`with_eps`: the scalar ε of a ``lowrank``
             model, a multiplier of a learned diagonal), no smaller than `min_eps`.
         calibrated: the calibrated ε offered by the widget's switch (same meaning and range as ``eps``); None
-            reads it from the run directory (`calibrated_eps`; a stored value out of range is ignored with a
-            warning); without one the switch is hidden.
+            reads it from the run (`calibrated_eps`; a stored value that is unreadable or out of range is ignored
+            with a warning); without one the widget's switch is hidden.
         image_shape: (C, H, W); required for a distribution, read from the model otherwise.
-        device: where a run directory is loaded (default cpu).
+        device: where a run is loaded (default cpu).
+
+    Attributes: ``model`` and ``run`` (None when not given), ``config`` (the run's), ``seed``, ``calibrated``.
 
     The image is float32 [C, H, W], not clipped (the widget clips to [0, 1] for display only).
     """
@@ -323,11 +351,10 @@ class Editor:
                  eps: float | None = None, calibrated: float | None = None, image_shape: Shape | None = None,
                  device: str | torch.device = "cpu"):
         self.seed = check_int("seed", seed, 0)
-        self.model, self.config, self.run_dir = None, None, None
-        if isinstance(source, (str, os.PathLike)):
-            from .checkpoint import load_run
-            self.run_dir = Path(source)
-            self.model, self.config = load_run(self.run_dir, device)
+        self.model, self.run = None, None
+        if isinstance(source, (Run, str, os.PathLike)):
+            self.run = Run(source)
+            self.model = self.run.load_model(device)
         elif isinstance(source, (LowRankNormal, DiagonalNormal)):
             if image is not None:
                 raise ValueError("image: must be None when source is a distribution (it is what is edited)")
@@ -339,8 +366,8 @@ class Editor:
         elif hasattr(source, "decode") and hasattr(source, "latent_dim"):
             self.model = source
         else:
-            raise TypeError(f"source: must be a run directory, a model or a LowRankNormal/DiagonalNormal, got "
-                            f"{type(source).__name__}")
+            raise TypeError(f"source: must be a run (a Run or its folder), a model or a LowRankNormal/DiagonalNormal, "
+                            f"got {type(source).__name__}")
         if self.model is not None:
             image_shape = tuple(self.model.image_shape)
         shape = tuple(int(s) for s in image_shape)
@@ -356,23 +383,31 @@ class Editor:
         self._trained = dist if tuple(dist.batch_shape) == (1,) else dist.expand((1,))
         self._fixed = _fixed_diag(self._trained, self.model)
         self._eps_range: tuple[float, float] | None = None
-        if calibrated is not None:
-            self.calibrated = self._checked_eps(calibrated, "calibrated")
-        elif self.run_dir is not None and (stored := calibrated_eps(self.run_dir, self._fixed)) is not None:
-            try:
-                stored = self._checked_eps(stored, "calibrated")
-            except ValueError as err:
-                warnings.warn(f"{self.run_dir}: the stored calibration is not used: {err}", stacklevel=2)
-                stored = None
-            self.calibrated = stored
-        else:
-            self.calibrated = None
+        self.calibrated = (self._checked_eps(calibrated, "calibrated") if calibrated is not None
+                           else self._stored_calibration())
         self._eps: float | None = None
         self._base = self._trained
-        empty = _State(torch.zeros(D, dtype=torch.bool, device=self._trained.loc.device),
-                       torch.zeros(D, dtype=self._trained.loc.dtype, device=self._trained.loc.device), 0)
+        loc = self._trained.loc
+        empty = _State(torch.zeros(D, dtype=torch.bool, device=loc.device), torch.zeros_like(loc.reshape(-1)), 0)
         self._stack: list[_State] = [empty]
         self.set_eps(eps)
+
+    @property
+    def config(self) -> Any:
+        """The run's `TrainConfig` (None unless the source is a run)."""
+        return None if self.run is None else self.run.config
+
+    def _stored_calibration(self) -> float | None:
+        """The run's calibrated diagonal (`calibrated_eps`) if it has one that `set_eps` may apply; a stored one
+        that is unreadable or out of range is ignored with a warning (the editor works without it)."""
+        if self.run is None:
+            return None
+        try:
+            stored = calibrated_eps(self.run, self._fixed)
+            return None if stored is None else self._checked_eps(stored, "calibrated")
+        except ValueError as err:
+            warnings.warn(f"{self.run.folder}: the stored calibration is not used: {err}", stacklevel=3)
+            return None
 
     def _decode(self, image: torch.Tensor | int | None):
         params = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
@@ -380,16 +415,10 @@ class Editor:
         if image is None:
             return self.model.decode(prior_latents(self.model.latent_dim, 1, self.seed).to(device))
         if isinstance(image, int) and not isinstance(image, bool):
-            if self.config is None:
-                raise ValueError("image: an index into the test split needs a run directory as source; pass the "
-                                 "image tensor [C, H, W] instead")
-            from .reproduce import test_image
-            try:
-                image = test_image(self.config, check_int("image", image, 0))
-            except ValueError as err:  # test_image names its notebooks' parameter: here the index is `image`
-                if str(err).startswith("image_index:"):
-                    raise ValueError("image:" + str(err)[len("image_index:"):]) from None
-                raise
+            if self.run is None:
+                raise ValueError("image: an index into the test split needs a run (or its directory) as source; "
+                                 "pass the image tensor [C, H, W] instead")
+            image = run_image(self.run, image, name="image")
         dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
         return reconstruction(self.model, _checked_image(image, self.image_shape, dtype))
 
@@ -609,19 +638,164 @@ class Editor:
             out = self.distribution.from_noise(noise.unsqueeze(0), None)
         return out.detach().reshape(self.image_shape)
 
-    # -- the frontend --------------------------------------------------------------------------------------
-    def widget(self, n_samples: int = 4, scale: int | None = None, max_directions: int | None = None) -> "EditorUI":
-        """The Jupyter widget over this editor (`EditorUI`): display it as a notebook cell's result."""
-        return EditorUI(self, n_samples=n_samples, scale=scale, max_directions=max_directions)
+
+# -------------------------------------------------------------------------------------------------------------
+# The editing figure: scripted strokes propagated by conditioning, completions from a revealed patch
+# -------------------------------------------------------------------------------------------------------------
+
+# Two default strokes: a short one across the top of the head (hair on a face) and one on the lower left
+# (background / cheek), far enough apart that their propagated edits are told apart.
+DEFAULT_STROKES: tuple[tuple[tuple[float, float], ...], ...] = (
+    ((0.16, 0.38), (0.12, 0.50), (0.16, 0.62)),
+    ((0.78, 0.10), (0.88, 0.20)),
+)
+
+
+@dataclass
+class EditResult:
+    """Strokes painted one after another on one decoded distribution: ``before`` μ [D]; ``after`` [S, D] the image
+    after strokes 1..s (each the conditional mean given every pixel painted so far); ``masks`` [S, D] the
+    cumulative masks of the painted pixels (all channels); ``value`` the stroke value (the mean of a colour's
+    channels); ``change`` [S, D] = after − before."""
+
+    image_shape: Shape
+    before: torch.Tensor
+    after: torch.Tensor
+    masks: torch.Tensor
+    value: float
+
+    @property
+    def change(self) -> torch.Tensor:
+        return self.after - self.before
+
+    def summary(self) -> dict[str, float]:
+        """stroke_pixels: pixels set by all strokes; propagated_rms: RMS change of the pixels no stroke touched
+        (0 for a pixel-wise independent model: nothing propagates); propagated_max: their largest |change|;
+        propagated_fraction: share of untouched pixels that moved by more than 1/255."""
+        last = self.masks[-1]
+        free = self.change[-1][~last].double()
+        return dict(stroke_pixels=float(last.sum()),
+                    propagated_rms=float(free.pow(2).mean().sqrt()) if free.numel() else 0.0,
+                    propagated_max=float(free.abs().max()) if free.numel() else 0.0,
+                    propagated_fraction=float((free.abs() > 1 / 255).double().mean()) if free.numel() else 0.0)
+
+
+@torch.no_grad()
+def edit_strokes(dist: Any, image_shape: Shape, strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES,
+                 value: float | Sequence[float] = 0.0, width: int = 1) -> EditResult:
+    """Paint ``strokes`` (each a polyline of (row, col) fractions in [0, 1], `fraction_points`) one after another
+    on the mean of ``dist`` (batch shape [] or [1]) with `Editor.paint` (a ``width``×``width`` brush; ``value`` a
+    grey level or a colour): after stroke s the image is E[x | x_S = value on every pixel painted so far]
+    (``dist.condition``), the painted pixels themselves equal to ``value``."""
+    return _paint_strokes(Editor(dist, image_shape=image_shape), strokes, value, width)
+
+
+def _paint_strokes(editor: Editor, strokes: Sequence[Sequence[tuple[float, float]]],
+                   value: float | Sequence[float], width: int | None) -> EditResult:
+    """Reset ``editor``, paint ``strokes`` (fractions) one after another, and record μ, each image and each
+    cumulative mask (the editor is left with every stroke painted)."""
+    if len(strokes) < 1:
+        raise ValueError("strokes: need at least one stroke")
+    editor.reset()
+    before = editor.image.reshape(-1)
+    afters, masks = [], []
+    for points in strokes:
+        afters.append(editor.paint(fraction_points(points, editor.hw), value, width).reshape(-1))
+        masks.append(editor.mask.reshape(-1))
+    v = value if isinstance(value, (int, float)) else sum(value) / len(value)
+    return EditResult(image_shape=editor.image_shape, before=before.cpu(), after=torch.stack(afters).cpu(),
+                      masks=torch.stack(masks).cpu(), value=float(v))
+
+
+@dataclass
+class Completions:
+    """Conditional samples given a revealed patch: ``truth`` x [D]; ``mask`` [D] (the revealed patch);
+    ``uncond_mean`` μ [D]; ``cond_mean`` E[x | x_patch] [D]; ``samples`` [n, D] draws from p(x | x_patch)."""
+
+    image_shape: Shape
+    truth: torch.Tensor
+    mask: torch.Tensor
+    uncond_mean: torch.Tensor
+    cond_mean: torch.Tensor
+    samples: torch.Tensor
+
+    def summary(self) -> dict[str, float]:
+        """rmse_uncond / rmse_cond: RMSE of μ / of the conditional mean against the truth on the hidden pixels;
+        sample_spread: mean over hidden pixels of the standard deviation across the completions (0 when the
+        completions are all alike); patch_error: max |sample − truth| on the revealed patch (≈ 0)."""
+        hidden = ~self.mask
+        t = self.truth[hidden].double()
+        spread = self.samples[:, hidden].double().std(0).mean() if self.samples.shape[0] > 1 else torch.tensor(0.0)
+        return dict(rmse_uncond=float((self.uncond_mean[hidden].double() - t).pow(2).mean().sqrt()),
+                    rmse_cond=float((self.cond_mean[hidden].double() - t).pow(2).mean().sqrt()),
+                    sample_spread=float(spread),
+                    patch_error=float((self.samples[:, self.mask].double()
+                                       - self.truth[self.mask].double()).abs().max()))
+
+
+@torch.no_grad()
+def patch_completions(dist: Any, x: torch.Tensor, image_shape: Shape, top: int, left: int, size: int = 10,
+                      n: int = 6, seed: int = 0) -> Completions:
+    """Reveal the size×size patch at (top, left) of the true image x [D] to ``dist`` (batch [] or [1]) and draw
+    n completions from the conditional p(x_hidden | x_patch) with seeded noise."""
+    c, h, w = image_shape
+    check_int("n", n, 1)
+    if not (0 <= top <= h - size and 0 <= left <= w - size):
+        raise ValueError(f"top, left: a {size}×{size} patch at ({top}, {left}) does not fit a {h}×{w} image")
+    x = x.reshape(-1).to(dist.loc)
+    mask = patch_masks(image_shape, torch.tensor([top]), torch.tensor([left]), size)[0].to(x.device)
+    cond = dist.condition(mask.reshape(dist.loc.shape), x.reshape(dist.loc.shape))
+    eps_r, eps_d = draw_noise(cond, n, seed)
+    samples = torch.where(mask, x, cond.from_noise(eps_r, eps_d).reshape(n, -1))
+    return Completions(image_shape=tuple(image_shape), truth=x.cpu(), mask=mask.cpu(),
+                       uncond_mean=dist.loc.detach().reshape(-1).cpu(),
+                       cond_mean=torch.where(mask, x, cond.loc.detach().reshape(-1)).cpu(),
+                       samples=samples.detach().cpu())
+
+
+@torch.no_grad()
+def edit_panel(model: Any, x: torch.Tensor, patch: int = 10, n: int = 5, seed: int = 0,
+               strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES, value: float = 0.0,
+               width: int = 1, corner: tuple[int, int] | None = None) -> tuple[EditResult, Completions]:
+    """Everything the editing figure (`plots.editor_figure`) shows for one image x [C, H, W]: strokes painted on
+    the mean of its reconstruction p(x | m(x)) (`edit_strokes`), and n completions of x given the patch×patch
+    square at ``corner`` (top, left) revealed (`patch_completions`; None: its most uncertain square,
+    `sosvae_lib.metrics.most_uncertain_patch`; patch is capped at half the image side)."""
+    shape = tuple(model.image_shape)
+    dist = reconstruction(model, x)
+    size = max(1, min(patch, shape[1] // 2, shape[2] // 2))
+    if corner is None:
+        tops, lefts = most_uncertain_patch(dist.variance.reshape(1, -1), shape, size)
+        corner = (int(tops[0]), int(lefts[0]))
+    edit = edit_strokes(dist, shape, strokes, value, width)
+    comp = patch_completions(dist, x, shape, int(corner[0]), int(corner[1]), size, n, seed)
+    return edit, comp
+
+
+@torch.no_grad()
+def edit_panels(models: Mapping[str, Any], x: torch.Tensor, patch: int = 10, n: int = 5, seed: int = 0,
+                strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES, value: float = 0.0,
+                width: int = 1) -> dict[str, tuple[EditResult, Completions]]:
+    """`edit_panel` for several models on the same image, strokes and revealed square (the most uncertain square of
+    the first model), so the models can be compared panel by panel."""
+    out: dict[str, tuple[EditResult, Completions]] = {}
+    corner = None
+    for name, model in models.items():
+        out[name] = edit_panel(model, x, patch, n, seed, strokes, value, width, corner)
+        if corner is None:
+            mask = out[name][1].mask.reshape(model.image_shape)[0]
+            rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+            corner = (int(rows[0]), int(cols[0]))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------------
-# A scripted session (the headless path of notebooks/06_editor.ipynb) and its figure
+# A scripted session: the headless path of notebooks/06_editor.ipynb (`plots.session_figure` draws it)
 # -------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class EditorSession:
-    """Scripted strokes applied through the `Editor` API: ``edit`` (`components.EditResult`: μ, the image after
+    """Scripted strokes applied through the `Editor` API: ``edit`` (`EditResult`: μ, the image after
     each stroke [S, D], the cumulative masks [S, D]); ``samples`` [n, D] drawn given every stroke; and the state
     machine's checks, each a max |difference|: ``undo_error`` (undo after the last stroke against the image before
     it), ``replay_error`` (the last stroke painted again against its first result), ``reset_error`` (reset
@@ -651,6 +825,7 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
+@torch.no_grad()
 def scripted_session(editor: Editor, strokes: Sequence[Sequence[tuple[float, float]]] = DEFAULT_STROKES,
                      value: float | Sequence[float] = 0.0, width: int | None = None, n_samples: int = 4,
                      seed: int = 0) -> EditorSession:
@@ -658,70 +833,22 @@ def scripted_session(editor: Editor, strokes: Sequence[Sequence[tuple[float, flo
     with `Editor.paint`, draw ``n_samples`` conditional samples, and exercise undo, replay and reset, checking each
     against the images shown before (see `EditorSession`). The editor is left reset and then with the strokes
     painted again, so it shows their result."""
-    if len(strokes) < 1:
-        raise ValueError("strokes: need at least one stroke")
-    editor.reset()
-    before = editor.image.reshape(-1)
-    afters, masks = [], []
-    for points in strokes:
-        afters.append(editor.paint(fraction_points(points, editor.hw), value, width).reshape(-1))
-        masks.append(editor.mask.reshape(-1))
-    direct = editor._base.condition(masks[-1].unsqueeze(0), editor.values.reshape(1, -1)).mean.reshape(-1)
-    condition_error = _maxdiff(afters[-1], direct)
+    edit = _paint_strokes(editor, strokes, value, width)
+    mask, values = editor.mask.reshape(-1), editor.values.reshape(-1)
+    direct = editor._base.condition(mask.unsqueeze(0), values.unsqueeze(0)).mean.reshape(-1)
+    condition_error = _maxdiff(editor.image.reshape(-1), direct)
     samples = editor.samples(n_samples, seed).reshape(n_samples, -1)
-    sample_err = _maxdiff(samples[:, masks[-1]], editor.values.reshape(-1)[masks[-1]].expand(n_samples, -1))
-    prev = before if len(afters) == 1 else afters[-2]
-    undone = editor.undo().reshape(-1)
-    undo_error = _maxdiff(undone, prev) if not torch.equal(undone, prev) else 0.0
-    replayed = editor.paint(fraction_points(strokes[-1], editor.hw), value, width).reshape(-1)
-    replay_error = 0.0 if torch.equal(replayed, afters[-1]) else _maxdiff(replayed, afters[-1])
-    reset_error = _maxdiff(editor.reset().reshape(-1), before)
+    sample_err = _maxdiff(samples[:, mask], values[mask].expand(n_samples, -1))
+    prev = edit.before if len(strokes) == 1 else edit.after[-2]
+    undo_error = _maxdiff(editor.undo().reshape(-1).cpu(), prev)
+    replayed = editor.paint(fraction_points(strokes[-1], editor.hw), value, width)
+    replay_error = _maxdiff(replayed.reshape(-1).cpu(), edit.after[-1])
+    reset_error = _maxdiff(editor.reset().reshape(-1).cpu(), edit.before)
     for points in strokes:
         editor.paint(fraction_points(points, editor.hw), value, width)
-    v = value if isinstance(value, (int, float)) else float(sum(value) / len(value))
-    edit = EditResult(image_shape=editor.image_shape, before=before.cpu(), after=torch.stack(afters).cpu(),
-                      masks=torch.stack(masks).cpu(), value=float(v))
     return EditorSession(edit=edit, samples=samples.cpu(), eps=editor.eps, undo_error=undo_error,
                          replay_error=replay_error, reset_error=reset_error, condition_error=condition_error,
                          sample_stroke_error=sample_err)
-
-
-def session_figure(sessions: Mapping[str, EditorSession]):
-    """The editor figure, one row per model: μ; after each stroke (outlined) the propagated image and the change
-    it caused outside the strokes (cumulative); samples from p(x | strokes). Returns a matplotlib Figure."""
-    from .plots import _blank, _grid, _image, _outline, _robust_max, _show, _signed
-
-    if not sessions:
-        raise ValueError("sessions: need at least one model")
-    n_strokes = max(s.edit.after.shape[0] for s in sessions.values())
-    n_samples = max(s.samples.shape[0] for s in sessions.values())
-    cols = 1 + 2 * n_strokes + n_samples
-    fig = _grid(len(sessions), cols, cell=1.05, extra_h=0.3)
-    axes = fig.subplots(len(sessions), cols, squeeze=False, gridspec_kw=dict(wspace=0.05, hspace=0.25))
-    for row, (name, s) in zip(axes, sessions.items()):
-        for ax in row:
-            _blank(ax)
-        e = s.edit
-        shape = e.image_shape
-        scale = max(_robust_max(e.change, 1.0), 1 / 255)
-        _show(row[0], _image(e.before, shape))
-        row[0].set_title("μ", fontsize=7)
-        row[0].set_ylabel(name, fontsize=8)
-        for k in range(e.after.shape[0]):
-            ax_img, ax_change = row[1 + 2 * k], row[2 + 2 * k]
-            _show(ax_img, _image(e.after[k], shape))
-            _outline(ax_img, e.masks[k], shape)
-            ax_img.set_title(f"stroke {k + 1}", fontsize=7)
-            a, kw = _signed(e.change[k].masked_fill(e.masks[k], 0.0), shape, scale)
-            _show(ax_change, a, **kw)
-            _outline(ax_change, e.masks[k], shape, color="k")
-            ax_change.set_title(f"change (±{scale:.2g})", fontsize=7)
-        for j in range(s.samples.shape[0]):
-            ax = row[1 + 2 * n_strokes + j]
-            _show(ax, _image(s.samples[j], shape))
-            _outline(ax, e.masks[-1], shape)
-            ax.set_title(f"sample {j + 1}", fontsize=7)
-    return fig
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -760,362 +887,41 @@ def check_parameters(none_ok: Sequence[str] = (), **parameters: Any) -> None:
         _PARAMETER_CHECKS[name](name, value, name in none_ok)
 
 
-RUN_HEADS = {"lowrank": ("lowrank", "lowrank-diag"), "diagonal": ("diagonal",)}
-"""The heads a run may have for each row of the editing figures: the row ``lowrank`` (parameter ``lowrank_run``)
-shows a model with a covariance factor, the row ``diagonal`` (``diagonal_run``) the pixel-wise baseline."""
+def run_heads() -> dict[str, tuple[str, ...]]:
+    """The heads a run may have for each row of the editing figures: the row ``lowrank`` (parameter
+    ``lowrank_run``) shows a model with a covariance factor, the row ``diagonal`` (``diagonal_run``) a pixel-wise
+    one (from the registry, `sosvae_lib.heads.HeadSpec.has_factor`: ``lowrank``, ``lowrank-diag`` | ``diagonal``)."""
+    names = head_names()
+    return {"lowrank": tuple(h for h in names if head_spec(h).has_factor),
+            "diagonal": tuple(h for h in names if not head_spec(h).has_factor)}
 
 
-def check_runs(configs: Mapping[str, Any]) -> None:
-    """Check that each run of an editing notebook, given as ``configs`` {row: its TrainConfig} with the rows of
-    `RUN_HEADS`, has a head its row may show (a diagonal run given as ``lowrank_run`` would otherwise be drawn and
-    saved as "lowrank"); else a ValueError naming the notebook parameter ``<row>_run``."""
-    for row, config in configs.items():
-        if row not in RUN_HEADS:
-            raise ValueError(f"runs: unknown row {row!r}; the editing figures have the rows {', '.join(RUN_HEADS)}")
+def __getattr__(name: str) -> Any:
+    if name == "RUN_HEADS":  # `run_heads()`, read when asked (a head registered later is in it)
+        return run_heads()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_runs(runs: Mapping[str, Any]) -> None:
+    """Check the runs of an editing notebook, given as {row: a `Run` (or its folder) or its TrainConfig} with the
+    rows of `RUN_HEADS`: a run must be finished (`Run.state` "complete"; else a FileNotFoundError naming the
+    notebook parameter ``<row>_run`` and how to train it) and have a head its row may show (a diagonal run given as
+    ``lowrank_run`` would otherwise be drawn and saved as "lowrank"; else a ValueError naming ``<row>_run``)."""
+    allowed_heads = run_heads()
+    for row, run in runs.items():
+        if row not in allowed_heads:
+            raise ValueError(f"runs: unknown row {row!r}; the editing figures have the rows "
+                             f"{', '.join(allowed_heads)}")
+        config = run
+        if isinstance(run, (Run, str, os.PathLike)):
+            run = Run(run)
+            if run.state() != "complete":
+                raise FileNotFoundError(f"{row}_run: no finished run in {run.folder}; train it with "
+                                        f"notebooks/01_train.ipynb or `python -m sosvae_lib.train --out {run.folder}` "
+                                        f"(or set train_missing=True)")
+            config = run.config
         head = getattr(config, "head", None)
-        if head not in RUN_HEADS[row]:
-            allowed = " or ".join(repr(h) for h in RUN_HEADS[row])
+        if head not in allowed_heads[row]:
+            allowed = " or ".join(repr(h) for h in allowed_heads[row])
             raise ValueError(f"{row}_run: is a run of the {head!r} head; the {row!r} row needs a run of the "
                              f"{allowed} head")
-
-
-# -------------------------------------------------------------------------------------------------------------
-# The Jupyter widget
-# -------------------------------------------------------------------------------------------------------------
-
-def to_rgba(images: torch.Tensor) -> bytes:
-    """Images [N, C, H, W] (C = 1 or 3) → N·H·W·4 bytes of 8-bit RGBA (clipped to [0, 1], rounded; grey
-    repeated over R, G, B; alpha 255), image after image, row-major: what the widget's canvas draws."""
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images: must have shape [N, C, H, W] with C = 1 or 3, got {tuple(images.shape)}")
-    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    if x.shape[-1] == 1:
-        x = x.expand(-1, -1, -1, 3)
-    alpha = torch.full(x.shape[:-1] + (1,), 255, dtype=torch.uint8)
-    return torch.cat([x.cpu(), alpha], -1).contiguous().numpy().tobytes()
-
-
-_CANVAS_ESM = r"""
-// One or more H×W RGBA images drawn enlarged (scale CSS pixels per image pixel, no smoothing), in a grid of
-// `columns` images per row, `gap` CSS pixels apart.
-// When editable, a left-button drag previews the brush and, on release (or when the pointer leaves), sends
-// {type: "stroke", points: [[x, y], ...], size: [width, height]} in CSS pixels from the canvas' top-left
-// corner; the kernel maps them to pixels (sosvae_lib.editor.screen_to_pixel) and sends back the new image.
-function render({ model, el }) {
-  const canvas = document.createElement("canvas");
-  canvas.className = "sosvae-canvas";
-  el.appendChild(canvas);
-  const off = document.createElement("canvas");
-  let version = 0;
-  let points = null;
-
-  function geometry() {
-    const n = Math.max(1, model.get("count")), cols = Math.max(1, Math.min(n, model.get("columns")));
-    return { h: model.get("height"), w: model.get("width"), n, cols, rows: Math.ceil(n / cols),
-             s: model.get("scale"), gap: model.get("gap") };
-  }
-  function draw() {
-    const { h, w, n, cols, rows, s, gap } = geometry();
-    const W = cols * w * s + (cols - 1) * gap, H = rows * h * s + (rows - 1) * gap;
-    if (canvas.width !== W || canvas.height !== H) { canvas.width = W; canvas.height = H; }
-    canvas.style.width = `${W}px`; canvas.style.height = `${H}px`;
-    canvas.dataset.editable = String(model.get("editable"));
-    const ctx = canvas.getContext("2d");
-    ctx.clearRect(0, 0, W, H);
-    const dv = model.get("rgba");
-    if (dv && dv.byteLength === n * h * w * 4) {
-      const bytes = new Uint8ClampedArray(dv.buffer, dv.byteOffset, dv.byteLength);
-      off.width = w; off.height = h;
-      const octx = off.getContext("2d");
-      ctx.imageSmoothingEnabled = false;
-      for (let k = 0; k < n; k++) {
-        octx.putImageData(new ImageData(bytes.slice(k * h * w * 4, (k + 1) * h * w * 4), w, h), 0, 0);
-        ctx.drawImage(off, (k % cols) * (w * s + gap), Math.floor(k / cols) * (h * s + gap), w * s, h * s);
-      }
-    }
-    outline();
-    version += 1;
-    canvas.dataset.version = String(version);
-  }
-  function outline() {  // the border of the painted pixels (`mask`, H·W bytes), over the first image
-    const { h, w, s } = geometry();
-    const mv = model.get("mask");
-    if (!mv || mv.byteLength !== h * w) return;
-    const m = new Uint8Array(mv.buffer, mv.byteOffset, mv.byteLength);
-    const on = (i, j) => i >= 0 && j >= 0 && i < h && j < w && m[i * w + j] !== 0;
-    const ctx = canvas.getContext("2d");
-    ctx.strokeStyle = model.get("outline");
-    ctx.lineWidth = 1;
-    ctx.beginPath();
-    for (let i = 0; i < h; i++) for (let j = 0; j < w; j++) {
-      if (!on(i, j)) continue;
-      const x = j * s, y = i * s;
-      if (!on(i - 1, j)) { ctx.moveTo(x, y + 0.5); ctx.lineTo(x + s, y + 0.5); }
-      if (!on(i + 1, j)) { ctx.moveTo(x, y + s - 0.5); ctx.lineTo(x + s, y + s - 0.5); }
-      if (!on(i, j - 1)) { ctx.moveTo(x + 0.5, y); ctx.lineTo(x + 0.5, y + s); }
-      if (!on(i, j + 1)) { ctx.moveTo(x + s - 0.5, y); ctx.lineTo(x + s - 0.5, y + s); }
-    }
-    ctx.stroke();
-  }
-  function at(e) {
-    const r = canvas.getBoundingClientRect();
-    return [e.clientX - r.left, e.clientY - r.top, r.width, r.height];
-  }
-  function preview(x, y, rw, rh) {  // the brush square under the pointer (the kernel's mapping: floor(x·W/width))
-    const { h, w } = geometry();
-    const bw = model.get("brush_width"), lo = -Math.floor((bw - 1) / 2);
-    const col = Math.floor(x * w / rw), row = Math.floor(y * h / rh);
-    const ctx = canvas.getContext("2d");
-    ctx.fillStyle = model.get("brush");
-    const sx = canvas.width / w, sy = canvas.height / h;
-    ctx.fillRect((col + lo) * sx, (row + lo) * sy, bw * sx, bw * sy);
-  }
-  function add(e) {
-    const [x, y, rw, rh] = at(e);
-    if (x < 0 || y < 0 || x >= rw || y >= rh) return;
-    points.push([x, y]);
-    preview(x, y, rw, rh);
-  }
-  function finish() {
-    if (points === null) return;
-    const r = canvas.getBoundingClientRect();
-    if (points.length) model.send({ type: "stroke", points, size: [r.width, r.height] });
-    points = null;
-  }
-  const down = (e) => {
-    if (!model.get("editable") || e.button !== 0 || model.get("count") !== 1) return;
-    e.preventDefault();
-    points = [];
-    add(e);
-  };
-  const move = (e) => { if (points !== null) add(e); };
-  canvas.addEventListener("pointerdown", down);
-  canvas.addEventListener("pointermove", move);
-  canvas.addEventListener("pointerup", finish);
-  canvas.addEventListener("pointerleave", finish);
-  canvas.addEventListener("pointercancel", finish);
-  const keys = ["rgba", "mask", "outline", "height", "width", "count", "columns", "scale", "gap", "editable"];
-  for (const k of keys) model.on(`change:${k}`, draw);
-  draw();
-  return () => { for (const k of keys) model.off(`change:${k}`, draw); };
-}
-export default { render };
-"""
-
-_CANVAS_CSS = """
-.sosvae-canvas { display: block; touch-action: none; image-rendering: pixelated; border: 0; padding: 0; }
-.sosvae-canvas[data-editable="true"] { cursor: crosshair; }
-"""
-
-_CANVAS_CLASS = None
-
-
-def _canvas_class():
-    """The anywidget class of the pixel canvas (imported on first use: anywidget is an optional dependency)."""
-    global _CANVAS_CLASS
-    if _CANVAS_CLASS is None:
-        try:
-            import anywidget
-            import traitlets
-        except ImportError as err:
-            raise ImportError("Editor.widget() needs anywidget and ipywidgets (the notebooks extra): "
-                              "pip install -e '.[notebooks]'") from err
-
-        class PixelCanvas(anywidget.AnyWidget):
-            """``count`` H×W RGBA images (``rgba``, `to_rgba` bytes) drawn ``scale``× enlarged, ``columns`` per row,
-            ``gap`` CSS pixels apart; ``mask`` (H·W bytes, empty: none) outlines pixels in the colour ``outline``;
-            an ``editable`` one (a single image) sends strokes (see `_CANVAS_ESM`)."""
-
-            _esm = _CANVAS_ESM
-            _css = _CANVAS_CSS
-            rgba = traitlets.Bytes(b"").tag(sync=True)
-            height = traitlets.Int(1).tag(sync=True)
-            width = traitlets.Int(1).tag(sync=True)
-            count = traitlets.Int(1).tag(sync=True)
-            columns = traitlets.Int(1).tag(sync=True)
-            mask = traitlets.Bytes(b"").tag(sync=True)
-            outline = traitlets.Unicode("#ff2d2d").tag(sync=True)
-            scale = traitlets.Int(8).tag(sync=True)
-            gap = traitlets.Int(4).tag(sync=True)
-            editable = traitlets.Bool(False).tag(sync=True)
-            brush = traitlets.Unicode("rgb(0, 0, 0)").tag(sync=True)
-            brush_width = traitlets.Int(1).tag(sync=True)
-
-        _CANVAS_CLASS = PixelCanvas
-    return _CANVAS_CLASS
-
-
-class EditorUI:
-    """The editor's widget (display it as a cell's result). Tab "edit": the image, drawn ``scale``× enlarged
-    (default: about 512 CSS pixels a side), on which a left-button drag paints a stroke; brush width and grey
-    level (or colour); undo, reset, sample (``n_samples`` conditional samples beside the image); the switch
-    between the trained and the calibrated ε (hidden without calibration); a status line. Tab "principal
-    directions": one slider per principal direction of P Pᵀ (the first ``max_directions``; None: all R) from −3
-    to +3 standard deviations around the current image.
-
-    The painted pixels are outlined (unless "outline strokes" is unticked). Every handler calls the `Editor` API: a mouse release calls `Editor.screen_stroke` (`_on_canvas_msg`), the
-    buttons `undo`, `reset`, `samples`, the switch `set_eps`, the sliders `explore`. ``last_update_ms`` is the
-    time of the latest handler, from its call to the new image bytes set on the canvas.
-    """
-
-    def __init__(self, editor: Editor, n_samples: int = 4, scale: int | None = None,
-                 max_directions: int | None = None):
-        import ipywidgets as W
-
-        canvas_cls = _canvas_class()
-        self.editor = editor
-        self.n_samples = check_int("n_samples", n_samples, 1)
-        c, h, w = editor.image_shape
-        self.scale = max(1, 512 // max(h, w)) if scale is None else check_int("scale", scale, 1)
-        self.sample_clicks = 0
-        self.last_update_ms = float("nan")
-        self.canvas = canvas_cls(height=h, width=w, count=1, scale=self.scale, editable=True)
-        columns = math.ceil(math.sqrt(self.n_samples))  # a square grid as tall as the image
-        self.sample_canvas = canvas_cls(height=h, width=w, count=self.n_samples, columns=columns,
-                                        scale=max(1, (self.scale * h - 4 * (columns - 1)) // (columns * h)))
-        self.canvas.on_msg(self._on_canvas_msg)
-        self.canvas.layout.margin = "0 16px 0 0"
-
-        self.width_slider = W.IntSlider(value=default_width(editor.hw), min=1, max=min(min(h, w), max(4, min(h, w) // 4)),
-                                        description="brush width")
-        if c == 3:
-            self.value_picker = W.ColorPicker(value="#000000", description="colour", concise=False)
-        else:
-            self.value_picker = W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="grey value")
-        self.undo_button = W.Button(description="undo", icon="undo")
-        self.reset_button = W.Button(description="reset", icon="refresh")
-        self.sample_button = W.Button(description=f"sample {self.n_samples}", icon="random")
-        self.undo_button.on_click(lambda _: self._update(self.editor.undo))
-        self.reset_button.on_click(lambda _: self._update(self.editor.reset))
-        self.sample_button.on_click(lambda _: self.sample())
-        cal = editor.calibrated
-        options = [("trained ε", "trained")]
-        if cal is not None:
-            options.append((f"calibrated ε = {cal:.3g}" if editor.fixed_diagonal else f"calibrated: d × {cal:.3g}",
-                            "calibrated"))
-        self.eps_switch = W.ToggleButtons(
-            options=options,
-            value="calibrated" if cal is not None and editor.eps == cal else "trained", description="ε")
-        self.eps_switch.layout.display = None if cal is not None else "none"
-        self.eps_switch.disabled = cal is None
-        self.eps_switch.observe(self._on_eps, names="value")
-        self.status = W.HTML()
-        self.outline_box = W.Checkbox(value=True, description="outline strokes", indent=False)
-        self.outline_box.observe(lambda _: self._draw_mask(), names="value")
-        self.width_slider.observe(self._on_brush, names="value")
-        self.value_picker.observe(self._on_brush, names="value")
-        self._on_brush()
-        edit_tab = W.VBox([
-            W.HBox([self.canvas, W.VBox([W.HTML("<b>samples from p(x | strokes)</b>"), self.sample_canvas])],
-                   layout=W.Layout(align_items="flex-start")),
-            W.HBox([self.width_slider, self.value_picker]),
-            W.HBox([self.undo_button, self.reset_button, self.sample_button, self.outline_box]),
-            self.eps_switch, self.status])
-
-        k = editor.rank if max_directions is None else min(editor.rank, check_int("max_directions", max_directions, 1))
-        self.sliders = [W.FloatSlider(value=0.0, min=-3.0, max=3.0, step=0.1, description=f"u{j + 1}",
-                                      continuous_update=True) for j in range(k)]
-        for s in self.sliders:
-            s.observe(self._on_slider, names="value")
-        self.explore_canvas = canvas_cls(height=h, width=w, count=1, scale=self.scale, editable=False)
-        self.explore_canvas.layout.margin = "0 16px 0 0"
-        self.zero_button = W.Button(description="all to 0")
-        self.zero_button.on_click(lambda _: self._zero_sliders())
-        self.spectrum = W.HTML()
-        slider_box = W.VBox(self.sliders, layout=W.Layout(max_height=f"{h * self.scale}px", overflow="auto"))
-        explore_tab = W.VBox([W.HBox([self.explore_canvas, W.VBox([self.spectrum, slider_box, self.zero_button])],
-                                     layout=W.Layout(align_items="flex-start"))]
-                             if k else [W.HTML("The pixel-wise model has no covariance factor (rank 0): nothing to "
-                                               "sweep.")])
-        self.tabs = W.Tab(children=[edit_tab, explore_tab])
-        self.tabs.set_title(0, "edit")
-        self.tabs.set_title(1, "principal directions")
-        self.tabs.observe(self._on_tab, names="selected_index")
-        self._update(lambda: None)
-
-    # -- handlers: each calls the Editor API and redraws -----------------------------------------------------
-    def _brush_value(self) -> float | tuple[float, float, float]:
-        v = self.value_picker.value
-        if isinstance(v, str):  # '#rrggbb' from the colour picker (or a CSS colour name, kept black)
-            s = v.lstrip("#")
-            if len(s) == 3:
-                s = "".join(ch * 2 for ch in s)
-            if len(s) != 6:
-                return (0.0, 0.0, 0.0)
-            return tuple(int(s[i:i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
-        return float(v)
-
-    def _on_brush(self, _change: Any = None) -> None:
-        v = self._brush_value()
-        rgb = [round(255 * x) for x in (v if isinstance(v, tuple) else (v, v, v))]
-        self.canvas.brush = f"rgb({rgb[0]}, {rgb[1]}, {rgb[2]})"
-        self.canvas.brush_width = self.width_slider.value
-
-    def _on_canvas_msg(self, _widget: Any, content: Mapping[str, Any], _buffers: Any = None) -> None:
-        """The mouse-release handler: {type: "stroke", points: [[x, y], ...], size: [width, height]}."""
-        if not isinstance(content, Mapping) or content.get("type") != "stroke":
-            return
-        self._update(lambda: self.editor.screen_stroke(content.get("points", []), content.get("size"),
-                                                       self._brush_value(), self.width_slider.value))
-
-    def _on_eps(self, change: Mapping[str, Any]) -> None:
-        eps = self.editor.calibrated if change["new"] == "calibrated" else None
-        self._update(lambda: self.editor.set_eps(eps))
-
-    def sample(self) -> None:
-        """The sample button: n new conditional samples (seed = the editor's seed + the number of clicks)."""
-        self.sample_clicks += 1
-        self._draw_samples()
-
-    def _draw_samples(self) -> None:
-        s = self.editor.samples(self.n_samples, self.editor.seed + self.sample_clicks)
-        self.sample_canvas.rgba = to_rgba(s)
-
-    def _draw_mask(self) -> None:
-        show = self.outline_box.value and bool(self.editor.strokes)
-        self.canvas.mask = self.editor.mask[0].to(torch.uint8).cpu().numpy().tobytes() if show else b""
-
-    def _on_slider(self, _change: Any = None) -> None:
-        if self.sliders:
-            self.explore_canvas.rgba = to_rgba(self.editor.explore([s.value for s in self.sliders]).unsqueeze(0))
-
-    def _zero_sliders(self) -> None:
-        for s in self.sliders:
-            s.unobserve(self._on_slider, names="value")
-            s.value = 0.0
-            s.observe(self._on_slider, names="value")
-        self._on_slider()
-
-    def _on_tab(self, change: Mapping[str, Any]) -> None:
-        if change["new"] == 1:
-            self._refresh_directions()
-
-    def _refresh_directions(self) -> None:
-        if not self.sliders:
-            return
-        w = self.editor.directions().cpu()  # R numbers: one read-back, then host arithmetic
-        total = float(w.sum())
-        shares = ", ".join(f"{float(x) / total:.0%}" if total > 0 else "0%" for x in w[:len(self.sliders)])
-        self.spectrum.value = f"<small>share of tr(P Pᵀ) per direction: {shares}</small>"
-        for j, s in enumerate(self.sliders):
-            s.tooltip = f"√w = {float(w[j]) ** 0.5:.3g}"
-        self._on_slider()
-
-    def _update(self, action) -> None:
-        t0 = time.perf_counter()
-        action()
-        self.canvas.rgba = to_rgba(self.editor.image.unsqueeze(0))
-        self.last_update_ms = 1e3 * (time.perf_counter() - t0)
-        self._draw_mask()
-        self._draw_samples()  # the samples shown must come from the new conditional
-        if self.tabs.selected_index == 1:
-            self._refresh_directions()
-        e = self.editor
-        painted = int(e.mask[0].sum())
-        eps = "trained ε" if e.eps is None else f"ε = {e.eps:.3g}"
-        self.status.value = (f"<small>{e.strokes} stroke{'s' if e.strokes != 1 else ''} · {painted} pixel"
-                             f"{'s' if painted != 1 else ''} painted · {eps} · R = {e.rank} · "
-                             f"update {self.last_update_ms:.1f} ms</small>")
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        return self.tabs._repr_mimebundle_(**kwargs)
