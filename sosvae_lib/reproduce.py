@@ -424,37 +424,40 @@ def check_cell_timeout(cell_timeout: Any, name: str = "cell_timeout") -> int | N
     return cell_timeout or None
 
 
-def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None = None, force: bool = False,
-              celeba_root: str | None = None, folder_root: str | None = None,
-              cell_timeout: int | None | str = "default", device: str | None = None,
-              shrink: bool = False) -> dict[str, Any]:
-    """Run the plan of ``scale`` (see the module docstring); returns the status dict also written to
-    ``<out>/<scale>/reproduce.json``.
+@dataclass
+class _Context:
+    """What the phases of `reproduce` share: the log, the status being built, folders, data roots and options."""
 
-    ``cell_timeout``: seconds per notebook cell ("default": `CELL_TIMEOUT` of the scale; 0 or None: no limit).
-    ``device``: None keeps the plan's (``auto``), otherwise it replaces the device of every training
-    configuration and of the evaluation. ``shrink`` (tests only): every variant through `shrink_variant`, the
-    smoke evaluation. Bad arguments (`select`, `check_device`, `check_cell_timeout`, an ``out`` that is or lies
-    under a file) raise one error before anything is written."""
-    log = _Log()
-    variants = select(plan(scale, folder_root), only)
-    if shrink:
-        variants = [shrink_variant(v) for v in variants]
-    timeout = check_cell_timeout(CELL_TIMEOUT[scale] if cell_timeout == "default" else cell_timeout)
-    check_device(scale, device)
-    scale_dir = check_out_dir(Path(out).expanduser().resolve() / scale, "out")
-    from .evaluate import evaluate_runs
+    log: _Log
+    status: dict[str, Any]
+    scale_dir: Path
+    roots: dict[str, str | None]
+    force: bool
+    device: str | None
+    timeout: int | None
+    eval_config: Any
 
-    eval_config = EvalConfig.preset("smoke" if shrink else scale, **({} if device is None else {"device": device}))
-    runs_dir, figures_dir, tables_dir, nb_dir = (scale_dir / s for s in ("runs", "figures", "tables", "notebooks"))
-    for d in (runs_dir, figures_dir, tables_dir, nb_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    roots: dict[str, str | None] = {"celeba": celeba_root, "folder": folder_root}
-    status: dict[str, Any] = dict(scale=scale, plan=[v.name for v in variants], skipped=[], failed=[], runs={},
-                                  machine=_machine(), device=device or "plan")
-    log(f"scale {scale}: {len(variants)} runs, about {sum(v.minutes for v in variants):.0f} min of training "
-        f"({', '.join(v.name for v in variants)}); writing {scale_dir}")
+    @property
+    def runs_dir(self) -> Path:
+        return self.scale_dir / "runs"
 
+    @property
+    def figures_dir(self) -> Path:
+        return self.scale_dir / "figures"
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.scale_dir / "tables"
+
+    @property
+    def nb_dir(self) -> Path:
+        return self.scale_dir / "notebooks"
+
+
+def _find_data(ctx: _Context, variants: list[Variant]) -> tuple[list[Variant], list[str]]:
+    """Phase 1: the groups whose data is found (their roots made absolute in ``ctx.roots``); the others are skipped
+    with one line. Returns (the variants of those groups, the groups)."""
+    log, status, roots = ctx.log, ctx.status, ctx.roots
     # 1. data
     groups = list(dict.fromkeys(v.group for v in variants))
     present = []
@@ -470,6 +473,17 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
             present.append(group)
     variants = [v for v in variants if v.group in present]
 
+    return variants, present
+
+
+def _train_and_evaluate(ctx: _Context, variants: list[Variant]) -> None:
+    """Phase 2: each variant trained through ``01_train`` (a finished run reused, a partial one resumed, a stale one
+    removed: `Run.state`) and evaluated (`sosvae_lib.evaluate.evaluate_runs`); a failure is recorded, not raised."""
+    from .evaluate import evaluate_runs
+
+    eval_config = ctx.eval_config
+    log, status, roots, force, device, timeout = ctx.log, ctx.status, ctx.roots, ctx.force, ctx.device, ctx.timeout
+    scale_dir, runs_dir, figures_dir, nb_dir = ctx.scale_dir, ctx.runs_dir, ctx.figures_dir, ctx.nb_dir
     # 2. train (01_train through papermill) and evaluate
     for k, v in enumerate(variants, 1):
         run_dir = runs_dir / v.name
@@ -519,8 +533,18 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
             log("FAILED " + line)
             status["failed"].append(line)
 
+
+
+def _done(ctx: _Context) -> set[str]:
+    return {name for name, r in ctx.status["runs"].items() if r["state"] in ("complete", "trained")}
+
+
+def _figures(ctx: _Context, variants: list[Variant], present: list[str]) -> None:
+    """Phase 3: the figure notebooks of each group with a finished main lowrank run (kept when up to date)."""
+    log, status, force, timeout = ctx.log, ctx.status, ctx.force, ctx.timeout
+    scale_dir, runs_dir, figures_dir, nb_dir = ctx.scale_dir, ctx.runs_dir, ctx.figures_dir, ctx.nb_dir
     # 3. figure notebooks per dataset
-    done = {name for name, r in status["runs"].items() if r["state"] in ("complete", "trained")}
+    done = _done(ctx)
     for ds in present:  # a group: the dataset, or dataset + tag
         mains = [v for v in variants if v.group == ds and v.main and v.name in done]
         diags = [v for v in variants if v.group == ds and not has_factor(v.head) and v.name in done]
@@ -549,6 +573,14 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
                 log("FAILED " + line)
                 status["failed"].append(line)
 
+
+
+def _metrics_notebook(ctx: _Context) -> None:
+    """Phase 4: ``05_metrics`` (tables, metrics against rank) when some run was evaluated (kept when up to date)."""
+    log, status, force, timeout = ctx.log, ctx.status, ctx.force, ctx.timeout
+    scale_dir, runs_dir, figures_dir, tables_dir, nb_dir = (ctx.scale_dir, ctx.runs_dir, ctx.figures_dir,
+                                                            ctx.tables_dir, ctx.nb_dir)
+    done = _done(ctx)
     # 4. the metrics notebook: table and metrics against rank
     params = dict(runs_dir=str(runs_dir), train_missing=False, evaluate_missing=False, tables_dir=str(tables_dir),
                   figures_dir=str(figures_dir))
@@ -566,6 +598,44 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
             status["failed"].append(line)
     else:
         log("no evaluated run: 05_metrics (tables, metrics against rank) skipped")
+
+
+
+def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None = None, force: bool = False,
+              celeba_root: str | None = None, folder_root: str | None = None,
+              cell_timeout: int | None | str = "default", device: str | None = None,
+              shrink: bool = False) -> dict[str, Any]:
+    """Run the plan of ``scale`` (see the module docstring); returns the status dict also written to
+    ``<out>/<scale>/reproduce.json``.
+
+    ``cell_timeout``: seconds per notebook cell ("default": `CELL_TIMEOUT` of the scale; 0 or None: no limit).
+    ``device``: None keeps the plan's (``auto``), otherwise it replaces the device of every training
+    configuration and of the evaluation. ``shrink`` (tests only): every variant through `shrink_variant`, the
+    smoke evaluation. Bad arguments (`select`, `check_device`, `check_cell_timeout`, an ``out`` that is or lies
+    under a file) raise one error before anything is written."""
+    log = _Log()
+    variants = select(plan(scale, folder_root), only)
+    if shrink:
+        variants = [shrink_variant(v) for v in variants]
+    timeout = check_cell_timeout(CELL_TIMEOUT[scale] if cell_timeout == "default" else cell_timeout)
+    check_device(scale, device)
+    scale_dir = check_out_dir(Path(out).expanduser().resolve() / scale, "out")
+    eval_config = EvalConfig.preset("smoke" if shrink else scale, **({} if device is None else {"device": device}))
+    runs_dir, figures_dir, tables_dir, nb_dir = (scale_dir / s for s in ("runs", "figures", "tables", "notebooks"))
+    for d in (runs_dir, figures_dir, tables_dir, nb_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    roots: dict[str, str | None] = {"celeba": celeba_root, "folder": folder_root}
+    status: dict[str, Any] = dict(scale=scale, plan=[v.name for v in variants], skipped=[], failed=[], runs={},
+                                  machine=_machine(), device=device or "plan")
+    log(f"scale {scale}: {len(variants)} runs, about {sum(v.minutes for v in variants):.0f} min of training "
+        f"({', '.join(v.name for v in variants)}); writing {scale_dir}")
+
+    ctx = _Context(log=log, status=status, scale_dir=scale_dir, roots=roots, force=force, device=device,
+                   timeout=timeout, eval_config=eval_config)
+    variants, present = _find_data(ctx, variants)
+    _train_and_evaluate(ctx, variants)
+    _figures(ctx, variants, present)
+    _metrics_notebook(ctx)
 
     status["wall_seconds"] = time.perf_counter() - log.start
     status["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
