@@ -16,19 +16,17 @@ These are assumptions, stated as such in the output; the counts are measurements
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import math
 import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fake_cuda import MetaStep  # noqa: E402
+from fake_cuda import MetaStep, OpCounter  # noqa: E402
 from sosvae_lib.distributed import DistContext  # noqa: E402
 from sosvae_lib.reproduce import plan  # noqa: E402
 from sosvae_lib.train import setup_run, train_step  # noqa: E402
@@ -38,14 +36,7 @@ TRAIN_IMAGES = {"celeba": 7001, "orl": 320, "fashion-mnist": 55000}
 CHANNELS = {"celeba": 3, "orl": 1, "fashion-mnist": 1}
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+_OpCounter = OpCounter
 
 
 def step_cost(config, shape: tuple[int, int, int]) -> dict:

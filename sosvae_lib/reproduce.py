@@ -32,7 +32,9 @@ interrupted (Ctrl-C; rerunning the same command resumes: finished runs are reuse
 For tests only: ``reproduce(..., shrink=True)`` (the undocumented flag ``--shrink-for-tests``) runs a scale's plan
 at a tiny size (`shrink_variant`) that keeps each variant's own parameters and their types (tuple image sizes,
 ``data_on_device``, the head, rank and latent size), so every variant of the gpu plan goes through papermill on
-the CPU in the test suite.
+the CPU in the test suite. With it, ``figure_groups`` (``--figure-groups-for-tests``) limits the figure notebooks
+to the named groups (their parameters are the same strings and flags for every group; the training notebooks, whose
+parameters differ per variant, all run).
 """
 
 from __future__ import annotations
@@ -604,7 +606,7 @@ def _metrics_notebook(ctx: _Context) -> None:
 def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None = None, force: bool = False,
               celeba_root: str | None = None, folder_root: str | None = None,
               cell_timeout: int | None | str = "default", device: str | None = None,
-              shrink: bool = False) -> dict[str, Any]:
+              shrink: bool = False, figure_groups: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the plan of ``scale`` (see the module docstring); returns the status dict also written to
     ``<out>/<scale>/reproduce.json``.
 
@@ -634,7 +636,7 @@ def reproduce(scale: str, out: str | os.PathLike = "results", only: str | None =
                    timeout=timeout, eval_config=eval_config)
     variants, present = _find_data(ctx, variants)
     _train_and_evaluate(ctx, variants)
-    _figures(ctx, variants, present)
+    _figures(ctx, variants, present if figure_groups is None else [g for g in present if g in figure_groups])
     _metrics_notebook(ctx)
 
     status["wall_seconds"] = time.perf_counter() - log.start
@@ -679,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every training and the evaluation (default: the "
                    "plan's, auto); gpu and paper refuse to start without a usable CUDA device unless it is cpu")
     p.add_argument("--shrink-for-tests", action="store_true", help=argparse.SUPPRESS)  # tests only: shrink_variant
+    p.add_argument("--figure-groups-for-tests", help=argparse.SUPPRESS)  # tests only: figure notebooks of these groups
     return p
 
 
@@ -697,7 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = reproduce(args.scale, args.out, args.only, args.force, args.celeba_root, args.folder_root,
                            "default" if args.cell_timeout is None else args.cell_timeout, args.device,
-                           shrink=args.shrink_for_tests)
+                           shrink=args.shrink_for_tests,
+                           figure_groups=None if args.figure_groups_for_tests is None
+                           else args.figure_groups_for_tests.split(","))
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume (finished runs are reused, the interrupted one "
               "resumed from its last checkpoint)", file=sys.stderr)

@@ -22,6 +22,7 @@ the same events and answers read-backs with a finite value.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import weakref
 from dataclasses import dataclass, field
@@ -121,8 +122,37 @@ def _is_cuda(device: Any) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
 
+class _Events:
+    """The transfer record of a mode: ``events`` and the two counts the tests assert."""
+
+    events: list
+
+    @property
+    def syncs(self) -> int:
+        """Read-backs and device-to-host copies (each one waits for the device)."""
+        return sum(1 for e in self.events if e[0] in ("sync", "d2h"))
+
+    @property
+    def pageable_h2d(self) -> int:
+        """Host-to-device copies that block (from unpinned memory, or without non_blocking)."""
+        return sum(1 for e in self.events if e[0] == "h2d" and not (e[1] and e[2]))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while it is active (``ops``: name → count); each is roughly one kernel
+    launch on a GPU (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @dataclass
-class FakeCuda(TorchDispatchMode):
+class FakeCuda(_Events, TorchDispatchMode):
     """The dispatch mode behind `fake_cuda` (see the module docstring)."""
 
     events: list = field(default_factory=list)
@@ -131,14 +161,6 @@ class FakeCuda(TorchDispatchMode):
         super().__init__()
         # an infrastructure "fake" mode: torch then skips CUDA's initialisation when a tensor is moved to "cuda"
         self._mode_key = torch._C._TorchDispatchModeKey.FAKE
-
-    @property
-    def syncs(self) -> int:
-        return sum(1 for e in self.events if e[0] in ("sync", "d2h"))
-
-    @property
-    def pageable_h2d(self) -> int:
-        return sum(1 for e in self.events if e[0] == "h2d" and not (e[1] and e[2]))
 
     def _unwrap(self, x):
         return x.inner if isinstance(x, ClaimedCuda) else x
@@ -269,7 +291,7 @@ def real(x: Any) -> Any:
 # -------------------------------------------------------------------------------------------------------------
 # The whole training step on the meta device
 
-class MetaStep(TorchDispatchMode):
+class MetaStep(_Events, TorchDispatchMode):
     """Records, while code runs on the ``meta`` device, copies between devices (``("h2d", pinned, non_blocking)``,
     ``("d2h",)``) and read-backs of meta tensors (``("sync",)``), and answers each read-back with ``answer`` (a
     finite number: the NaN guard passes). CPU scalars read back (torch.optim's step counters) are not recorded."""
@@ -278,14 +300,6 @@ class MetaStep(TorchDispatchMode):
         super().__init__()
         self.events: list = []
         self.answer = answer
-
-    @property
-    def syncs(self) -> int:
-        return sum(1 for e in self.events if e[0] in ("sync", "d2h"))
-
-    @property
-    def pageable_h2d(self) -> int:
-        return sum(1 for e in self.events if e[0] == "h2d" and not (e[1] and e[2]))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -5,17 +5,15 @@ or a read-back the step does not document fails here."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import smoke_config as smoke
-from fake_cuda import MetaStep, fake_cuda, real
+from fake_cuda import MetaStep, OpCounter, fake_cuda, real
 from sosvae_lib import data as data_mod
 from sosvae_lib import distributed
 from sosvae_lib import model as model_mod
@@ -201,14 +199,7 @@ def test_deterministic_flag_sets_every_switch_on_cuda(restore_backends):
 # ---------------------------------------------------------------------------------------------------------------
 # The NaN guard: O(1) kernels per step, still catching any parameter (item 9)
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+_OpCounter = OpCounter
 
 
 def test_the_guard_launches_a_fixed_number_of_reductions_and_catches_every_parameter():
