@@ -82,8 +82,10 @@ def test_make_reproduce_gpu_without_cuda_is_one_line_exit_2(tmp_path):
         pytest.skip("this machine has a usable CUDA device: the gpu scale would start")
     if subprocess.run(["make", "-q", "venv"], cwd=REPO, capture_output=True).returncode != 0:
         pytest.skip("the .venv is not installed by this Makefile's recipe (make would install it first)")
+    # as typed in a shell: not a sub-make of `make test` (which would print "Entering directory" lines)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
     proc = subprocess.run(["make", "reproduce", "SCALE=gpu", f"ARGS=--out {tmp_path / 'out'}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert proc.stdout == ""
     ours = [line for line in _lines(proc.stderr) if not line.startswith("make: ***")]
