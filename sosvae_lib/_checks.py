@@ -59,7 +59,7 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> Any:
     """Return ``value`` if it is True or False (or None with ``allow_none``), else one ValueError naming ``name``."""
     if (value is None and allow_none) or isinstance(value, bool):
         return value
-    fail(name, f"must be True, False{' or None' if allow_none else ''}, got {value!r}")
+    fail(name, f"must be {'True, False or None' if allow_none else 'True or False'}, got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:

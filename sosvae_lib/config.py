@@ -20,13 +20,12 @@ the project:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 # The argument checks live in the bottom layer `sosvae_lib._checks`; re-exported here for older imports.
-from ._checks import (DEVICES, PRECISIONS, check_device, check_image_size, check_int,  # noqa: F401
+from ._checks import (DEVICES, PRECISIONS, check_bool, check_device, check_image_size, check_int,  # noqa: F401
                       check_mapping, check_precision, image_hw)
 from ._checks import check_float as _check_float
 from ._checks import fail as _fail
@@ -125,10 +124,8 @@ class TrainConfig:
         # an int, an (H, W) tuple (a JSON round trip gives a list) or None; "64" / "218x178" as typed
         object.__setattr__(self, "image_size", check_image_size(self.image_size))
         check_int("max_items", self.max_items, 1, allow_none=True)
-        if self.augment is not None and not isinstance(self.augment, bool):
-            _fail("augment", f"must be True, False or None, got {self.augment!r}")
-        if not isinstance(self.dequantize, bool):
-            _fail("dequantize", f"must be True or False, got {self.dequantize!r}")
+        check_bool("augment", self.augment, allow_none=True)
+        check_bool("dequantize", self.dequantize)
 
         if self.arch not in ARCHS:
             _fail("arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
@@ -161,8 +158,7 @@ class TrainConfig:
         check_int("num_workers", self.num_workers, 0)
         check_precision("precision", self.precision)
         for name in ("data_on_device", "compile", "deterministic"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, f"must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
 
         hw = image_hw(self.image_size)
         if hw is not None:
@@ -298,10 +294,8 @@ class EvalConfig:
         check_int("face_images", self.face_images, 2)
         check_int("seed", self.seed, 0)
         for name in ("pca", "progress", "write", "calibrate", "faces"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, f"must be True or False, got {getattr(self, name)!r}")
-        if self.dequantize is not None and not isinstance(self.dequantize, bool):
-            _fail("dequantize", f"must be True, False or None, got {self.dequantize!r}")
+            check_bool(name, getattr(self, name))
+        check_bool("dequantize", self.dequantize, allow_none=True)
         check_device("device", self.device)
         if isinstance(self.root, os.PathLike):
             object.__setattr__(self, "root", os.fspath(self.root))

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataclasses import dataclass, field
 
-from ._checks import check_int, image_hw
+from ._checks import check_bool, check_int, image_hw
 from ._io import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
@@ -103,9 +103,8 @@ def register_dataset(name: str, loader: Callable[..., "ImageDataset"], *, channe
     check_int("channels", channels, 1, allow_none=True)
     if root not in ROOT_MODES:
         raise ValueError(f"root: must be one of {', '.join(ROOT_MODES)}, got {root!r}")
-    for flag, value in (("augment", augment), ("labels", labels)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{flag}: must be True or False, got {value!r}")
+    check_bool("augment", augment)
+    check_bool("labels", labels)
     options = dict(options or {})
     clash = sorted(set(options) & set(_COMMON_OPTIONS))
     if clash:

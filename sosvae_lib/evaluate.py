@@ -205,7 +205,7 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     if "log_likelihood_calibrated" in means:
         out["test_nll_bpd_calibrated"] = float(M.bits_per_dim(-means["log_likelihood_calibrated"], d, bits=bits))
     out.update(scores.result(image_shape, bits))
-    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else _restate_bpd(real.result(), bits))
+    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else real.result(bits))
 
     m = num_samples if num_samples is not None else min(n, 500)
     gen_means, gen_samples = [], []
@@ -237,6 +237,7 @@ def _score_images(model: torch.nn.Module, images: torch.Tensor, masks: Any, scor
     rescale = None if diag_scale is None else (lambda dist: rescale_diagonal(dist, diag_scale))
     parts: dict[str, list[torch.Tensor]] = dict(log_likelihood=[], log_likelihood_calibrated=[], elbo=[], kl=[])
     factors = []
+    fill = None if fill is None else fill.to(device)  # once, not a host-to-device copy per batch
     bar = tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].to(device)
@@ -250,7 +251,7 @@ def _score_images(model: torch.nn.Module, images: torch.Tensor, masks: Any, scor
             scores.add(obs, x.reshape(b, d), x_score.reshape(b, d), batch_masks,
                        None if rescale is None else rescale(obs))
             if real is not None:  # the model sees x_score on the observed pixels and the fill elsewhere, nothing else
-                real.add(model, x_score, batch_masks, fill.to(device), diag_scale=diag_scale)
+                real.add(model, x_score, batch_masks, fill, diag_scale=diag_scale)
         for key, values in parts.items():
             if key in bound:
                 values.append(bound[key])
@@ -264,15 +265,6 @@ def _score_images(model: torch.nn.Module, images: torch.Tensor, masks: Any, scor
         raise ValueError(f"model: gives non-finite likelihoods on these images ({means}); its weights or outputs "
                          f"hold NaN or Inf")
     return means, factors
-
-
-def _restate_bpd(result: dict[str, Any], bits: int) -> dict[str, Any]:
-    """`sosvae_lib.inpaint.RealInpaintScores.result` (stated on the 8-bit scale) at ``bits``: bits_per_dim(·, bits)
-    = bits_per_dim(·, 8) + bits − 8 (`sosvae_lib.metrics.bits_per_dim`); the 8-bit keys are returned as they are."""
-    if bits == 8:
-        return result
-    return {key: value + (bits - 8) if "_bpd" in key and isinstance(value, float) else value
-            for key, value in result.items()}
 
 
 def _face_metrics(means: torch.Tensor | None, samples: torch.Tensor, image_shape: tuple[int, int, int],
@@ -338,6 +330,7 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
     n, image_shape, d, gen, masks, scores = _setup(images, patch, seed, device)
     nll = []
     real = None if fill is None else RealInpaintScores()
+    fill = None if fill is None else fill.to(device, torch.float64).reshape(-1)  # once, not per batch
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size].to(device).reshape(-1, d).double()
         b = x.shape[0]
@@ -348,10 +341,10 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
             batch_masks = masks(start, dist)
             scores.add(dist, x, x_score, batch_masks)
             if real is not None:
-                real.add(dist, x_score, batch_masks, fill.to(device, torch.float64).reshape(-1))
+                real.add(dist, x_score, batch_masks, fill)
     out: dict[str, Any] = dict(test_nll_bpd=float(M.bits_per_dim(torch.cat(nll).mean(), d, bits=bits)))
     out.update(scores.result(image_shape, bits))
-    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else _restate_bpd(real.result(), bits))
+    out.update(dict.fromkeys(real_inpaint_keys()) if real is None else real.result(bits))
     out.update({key: out[key.removesuffix("_cal").replace("_calibrated", "")] for key in calibrated_keys()})
     out.update(eps_calibrated=fit.noise_var, diag_scale_calibrated=1.0)
     m = num_samples if num_samples is not None else min(n, 500)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._checks import check_bool
 from .distributions import DiagonalNormal, LowRankNormal
 
 INIT_STD = 1e-5
@@ -141,9 +142,8 @@ def register_head(name: str, build: Callable[..., nn.Module], *, has_factor: boo
         raise ValueError(f"name: head {name!r} is already registered")
     if not callable(build):
         raise TypeError(f"build: must be callable (features, channels, rank, eps, init_var) -> module, got {build!r}")
-    for flag, value in (("has_factor", has_factor), ("learns_diag", learns_diag)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{flag}: must be True or False, got {value!r}")
+    check_bool("has_factor", has_factor)
+    check_bool("learns_diag", learns_diag)
     if order is None:
         order = 1 + max((spec.order for spec in _HEADS.values()), default=-1)
     spec = HeadSpec(name, build, has_factor, learns_diag, name if label is None else str(label),

@@ -451,14 +451,15 @@ class RealInpaintScores:
             acc = self._sums.get(family)
             self._sums[family] = list(parts) if acc is None else [a + p for a, p in zip(acc, parts)]
 
-    def result(self) -> dict[str, float]:
-        """{key: value} for every family (one host read-back per number)."""
+    def result(self, bits: int = 8) -> dict[str, float]:
+        """{key: value} for every family (one host read-back per number); the NLL in bits per dimension of data
+        quantised to ``bits`` (`sosvae_lib.metrics.bits_per_dim`; 8 unless the data are 16-bit)."""
         if not self._sums:
             raise ValueError("RealInpaintScores.result: no images were added")
         out: dict[str, float] = {}
         for family in self.families:
             sq, nll, sq_fill, hidden = (float(t) for t in self._sums[family])
             out[f"real_inpaint_rmse_{family}"] = math.sqrt(sq / hidden) if hidden else math.nan
-            out[f"real_inpaint_nll_bpd_{family}"] = float(bits_per_dim(nll, hidden)) if hidden else math.nan
+            out[f"real_inpaint_nll_bpd_{family}"] = float(bits_per_dim(nll, hidden, bits=bits)) if hidden else math.nan
             out[f"real_inpaint_rmse_{family}_train_mean"] = math.sqrt(sq_fill / hidden) if hidden else math.nan
         return out
