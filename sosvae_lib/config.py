@@ -70,7 +70,11 @@ class TrainConfig:
     Objective (METHOD.md §4): ``target_kl`` T per image, ``damping`` c, ``lambda_lr`` η, ``lambda_init`` λ₀;
     ``entropy_target`` (nats per image, or None) adds a second damped constraint on the entropy of p(x|z);
     ``beta`` (or None) replaces the constrained objective by the β-ELBO NLL + β·KL; ``pretrain_epochs`` freezes the
-    observation-noise head (P and d) for the first epochs.
+    observation-noise head (P and d) for the first epochs. ``init_from`` (a finished run's folder, or None) starts
+    the run from that run's encoder, trunk and mean-head weights (a mean pre-training shared by several heads):
+    the observation-noise head starts from ``seed``, Adam starts afresh, and λ is carried over only from a run of
+    the same head; the source must have the same dataset, image size, arch, latent, width, levels and max_width
+    (`sosvae_lib.train.train` checks it before any data is loaded, and stores the path absolute).
 
     Optimisation: ``epochs``, ``batch_size`` (per process), ``lr`` (Adam), ``seed``, ``device`` in ``DEVICES``,
     ``num_workers`` of the data loader; ``precision`` of the encoder and trunk (``fp32``, ``bf16`` autocast, or
@@ -108,6 +112,7 @@ class TrainConfig:
     entropy_target: float | None = None
     beta: float | None = None
     pretrain_epochs: int = 0
+    init_from: str | None = None
 
     seed: int = 0
     device: str = "auto"
@@ -152,6 +157,8 @@ class TrainConfig:
         check_int("pretrain_epochs", self.pretrain_epochs, 0)
         if self.pretrain_epochs > self.epochs:
             _fail("pretrain_epochs", f"must be <= epochs={self.epochs}, got {self.pretrain_epochs}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            _fail("init_from", f"must be the folder of a finished run (a path string) or None, got {self.init_from!r}")
 
         check_int("seed", self.seed, 0)
         check_device("device", self.device)

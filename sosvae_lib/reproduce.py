@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import atomic_write_json, atomic_write_text, check_out_dir
+from .checkpoint import CheckpointError, atomic_write_json, atomic_write_text, check_out_dir
 from .config import USAGE_ERRORS, EvalConfig
 from .heads import has_factor
 from .runs import Run
@@ -68,7 +68,9 @@ GPU_SCALES = ("gpu", "paper")  # scales that refuse to start without a usable CU
 @dataclass(frozen=True)
 class Variant:
     """One training run of the plan: ``preset`` with ``overrides`` (TrainConfig fields); ``main`` marks the lowrank
-    run whose figures are drawn for its dataset (beside the dataset's diagonal run)."""
+    run whose figures are drawn for its dataset (beside the dataset's diagonal run). ``pretrain`` marks a shared
+    mean pre-training (named ``<group>-pretrain``; trained, not evaluated); ``init_from`` names the variant of the
+    plan whose run this one starts from (`sosvae_lib.config.TrainConfig` ``init_from``)."""
 
     dataset: str
     head: str
@@ -78,6 +80,8 @@ class Variant:
     main: bool = False
     minutes: float = 1.0  # rough training time on 2 CPU cores (smoke, cpu) or one GPU (gpu, paper), for the plan line
     tag: str = ""  # tells apart two groups of one dataset (e.g. CelebA at two sizes): "celeba" + "109x89"
+    pretrain: bool = False
+    init_from: str = ""
 
     @property
     def group(self) -> str:
@@ -86,6 +90,8 @@ class Variant:
 
     @property
     def name(self) -> str:
+        if self.pretrain:
+            return f"{self.group}-pretrain"
         return (f"{self.group}-{self.head}" if not has_factor(self.head)
                 else f"{self.group}-{self.head}-r{self.rank}")
 
@@ -96,23 +102,40 @@ class Variant:
             fields["root"] = str(root)
         return fields
 
-    def config(self, root: str | None = None):
+    def config(self, root: str | None = None, runs_dir: str | os.PathLike | None = None):
+        """The TrainConfig of this variant; with ``runs_dir`` (the plan's runs folder) its ``init_from`` is the run
+        folder of the variant it starts from (without it, no ``init_from``)."""
         from .config import TrainConfig
-        return TrainConfig.preset(self.preset, **self.config_fields(root))
+        fields = self.config_fields(root)
+        if self.init_from and runs_dir is not None:
+            fields["init_from"] = str(Path(runs_dir) / self.init_from)
+        return TrainConfig.preset(self.preset, **fields)
 
 
 def _variants(dataset: str, preset: str, ranks: Sequence[int], minutes: float, diagonal: bool = True,
-              main_rank: int | None = None, learned: bool = False, tag: str = "", **overrides: Any) -> list[Variant]:
+              main_rank: int | None = None, learned: bool = False, tag: str = "",
+              shared_pretrain: tuple[int, float] | None = None, **overrides: Any) -> list[Variant]:
     """lowrank at each of ``ranks`` (the figures' run: ``main_rank``, default the largest), and optionally the
-    pixel-wise baseline and ``lowrank-diag`` at the main rank."""
-    ov = tuple(sorted(overrides.items()))
+    pixel-wise baseline and ``lowrank-diag`` at the main rank. ``shared_pretrain`` = (epochs, minutes) puts first
+    one mean pre-training of that many epochs (lowrank at the main rank, the same overrides and seed) that every
+    variant starts from (``init_from``), so the heads differ only after it; their ``epochs`` then follow it."""
     main_rank = main_rank or max(ranks)
-    out = [Variant(dataset, "lowrank", r, preset, ov, main=(r == main_rank), minutes=minutes, tag=tag)
-           for r in ranks]
+    out = []
+    source = ""
+    if shared_pretrain is not None:
+        epochs, pre_minutes = shared_pretrain
+        pre = tuple(sorted({**overrides, "epochs": epochs, "pretrain_epochs": epochs}.items()))
+        out.append(Variant(dataset, "lowrank", main_rank, preset, pre, minutes=pre_minutes, tag=tag, pretrain=True))
+        source = out[0].name
+        overrides = {**overrides, "pretrain_epochs": 0}
+    ov = tuple(sorted(overrides.items()))
+    out += [Variant(dataset, "lowrank", r, preset, ov, main=(r == main_rank), minutes=minutes, tag=tag,
+                    init_from=source) for r in ranks]
     if learned:
-        out.append(Variant(dataset, "lowrank-diag", main_rank, preset, ov, minutes=minutes, tag=tag))
+        out.append(Variant(dataset, "lowrank-diag", main_rank, preset, ov, minutes=minutes, tag=tag,
+                           init_from=source))
     if diagonal:  # the pixel-wise baseline keeps the preset's rank field (unused) so its PPCA row matches
-        out.append(Variant(dataset, "diagonal", main_rank, preset, ov, minutes=minutes, tag=tag))
+        out.append(Variant(dataset, "diagonal", main_rank, preset, ov, minutes=minutes, tag=tag, init_from=source))
     return out
 
 
@@ -120,9 +143,10 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
     """The variants trained at ``scale``.
 
     - ``smoke`` (tests, < 5 min): orl at 16×16, lowrank R ∈ {1, 2} and diagonal, one epoch on 32 images.
-    - ``cpu`` (≤ 60 min on 2 cores): orl 64×64 lowrank R ∈ {5, 25}, lowrank-diag R = 25 and diagonal;
-      fashion-mnist 32×32 lowrank R = 25 and diagonal; celeba 64×64 on the subset's whole training split, lowrank
-      R = 25, lowrank-diag and diagonal; (folder 64×64, R = 25 and diagonal, when ``folder_root`` is given).
+    - ``cpu`` (≤ 60 min on 2 cores): orl 64×64 (30 epochs) lowrank R ∈ {5, 25}, lowrank-diag R = 25 and diagonal;
+      fashion-mnist 32×32 lowrank R = 25 and diagonal; celeba 64×64 on the subset's whole training split, one
+      shared mean pre-training (``celeba-pretrain``) then lowrank R = 25, lowrank-diag and diagonal from it;
+      (folder 64×64, R = 25 and diagonal, when ``folder_root`` is given).
     - ``gpu`` (one GPU; resumable across commands, each finished run is reused): the cpu preset widened to latent
       128 at batch 64 with the training set on the device: celeba 64×64 on the whole training split, lowrank
       R ∈ {1, 5, 10, 25, 50}, lowrank-diag and diagonal; celeba at the subset's native 109×89 (``celeba109x89``),
@@ -137,17 +161,21 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
     if scale == "smoke":
         return _variants("orl", "smoke", (1, 2), 0.2)
     if scale == "cpu":
-        # orl: the preset's epochs over its 320 training faces. The others get about the same compute: a 32×32
-        # image trains ~2.5× faster than a 64×64 one, a 64×64 RGB one about as fast (the trunk dominates).
-        out = _variants("orl", "cpu", (5, 25), 2.6, image_size=64)
+        # orl: 30 epochs over its 320 training faces (the first 7 pre-train the mean). A 32×32 image trains ~2.5×
+        # faster than a 64×64 one, a 64×64 RGB one about as fast (the trunk dominates). ORL (40 → 30 epochs) and
+        # fashion-mnist (8 → 6) gave CelebA's shared pre-training its 3 minutes.
+        out = _variants("orl", "cpu", (5, 25), 2.1, image_size=64, epochs=30)
         # the learned-diagonal variant: the paper's fixed ε = 1e-5 makes conditioning on true pixels an
         # unregularised least-squares fit of R coefficients; a learned d shows what a noise model changes.
-        out.append(Variant("orl", "lowrank-diag", 25, "cpu", (("image_size", 64),), minutes=2.6))
-        out += _variants("fashion-mnist", "cpu", (25,), 1.8, image_size=32, max_items=4000, epochs=8,
+        out.append(Variant("orl", "lowrank-diag", 25, "cpu", (("epochs", 30), ("image_size", 64)), minutes=2.1))
+        out += _variants("fashion-mnist", "cpu", (25,), 1.4, image_size=32, max_items=4000, epochs=6,
                         pretrain_epochs=2)
-        # celeba: the whole training split of the subset (7,001 faces), 6 epochs of which 2 pre-train the mean
-        # (2,000 images × 6 epochs left the prior means brown blobs); 75 images/s on 2 idle cores.
-        out += _variants("celeba", "cpu", (25,), 9.4, learned=True, image_size=64, epochs=6, pretrain_epochs=2)
+        # celeba: the whole training split of the subset (7,001 faces; 2,000 images × 6 epochs left the prior
+        # means brown blobs), the recipe measured in docs/experiments/celeba_cpu_recipe.md: one shared mean
+        # pre-training of 2 epochs, then 6 epochs per head, target KL 15 (30 left the lowrank means blurrier);
+        # ~100 s per epoch on 2 idle cores.
+        out += _variants("celeba", "cpu", (25,), 10.0, learned=True, image_size=64, epochs=6, target_kl=15.0,
+                         shared_pretrain=(2, 3.3))
         if folder_root:
             out += _variants("folder", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6,
                             pretrain_epochs=2)
@@ -185,14 +213,15 @@ def shrink_variant(v: Variant) -> Variant:
     else:
         size = side
     tiny = dict(image_size=size, max_items=min(c.max_items or _SHRINK["max_items"], _SHRINK["max_items"]),
-                epochs=_SHRINK["epochs"], pretrain_epochs=0, batch_size=min(c.batch_size, _SHRINK["batch_size"]),
+                epochs=_SHRINK["epochs"], pretrain_epochs=_SHRINK["epochs"] if v.pretrain else 0, batch_size=min(c.batch_size, _SHRINK["batch_size"]),
                 width=min(c.width, _SHRINK["width"]))
     overrides = tuple(sorted({**dict(v.overrides), **tiny}.items()))
     return dataclasses.replace(v, overrides=overrides, minutes=0.05)
 
 
 def select(variants: Sequence[Variant], only: str | None) -> list[Variant]:
-    """The variants named by ``only`` (comma-separated variant names or dataset names; None: all)."""
+    """The variants named by ``only`` (comma-separated variant names or dataset names; None: all), with the shared
+    pre-training each of them starts from (``init_from``), in plan order."""
     if not only:
         return list(variants)
     wanted = [w.strip() for w in only.split(",") if w.strip()]
@@ -200,7 +229,9 @@ def select(variants: Sequence[Variant], only: str | None) -> list[Variant]:
     unknown = [w for w in wanted if w not in known]
     if unknown:
         raise ValueError(f"only: unknown name {unknown[0]!r} (this scale has: {', '.join(sorted(known))})")
-    return [v for v in variants if v.name in wanted or v.dataset in wanted or v.group in wanted]
+    chosen = {v.name for v in variants if v.name in wanted or v.dataset in wanted or v.group in wanted}
+    chosen |= {v.init_from for v in variants if v.name in chosen and v.init_from}
+    return [v for v in variants if v.name in chosen]
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -489,10 +520,12 @@ def _train_and_evaluate(ctx: _Context, variants: list[Variant]) -> None:
     # 2. train (01_train through papermill) and evaluate
     for k, v in enumerate(variants, 1):
         run_dir = runs_dir / v.name
-        config = v.config(roots.get(v.dataset))
+        config = v.config(roots.get(v.dataset), runs_dir)
         if device is not None:
             config = config.replace(device=device)
         state = Run(run_dir).state(config)
+        if state in ("complete", "partial") and _source_changed(Run(run_dir), config):
+            state = "stale"  # its shared pre-training was trained again since
         if force or state == "stale":
             if run_dir.exists():
                 log(f"{v.name}: {'--force' if force else 'configuration changed'}: removing {run_dir}")
@@ -521,6 +554,8 @@ def _train_and_evaluate(ctx: _Context, variants: list[Variant]) -> None:
             log(f"    {v.name}: trained in {time.perf_counter() - t0:.0f} s")
         summary = Run(run_dir).summary() or {}
         entry.update(epochs=summary.get("epochs"), train_seconds=summary.get("train_seconds"))
+        if v.pretrain:  # only the start of the group's runs: nothing to evaluate
+            continue
         try:
             t0 = time.perf_counter()
             result = evaluate_runs([run_dir], eval_config, force=force or entry["state"] == "trained",
@@ -535,6 +570,19 @@ def _train_and_evaluate(ctx: _Context, variants: list[Variant]) -> None:
             log("FAILED " + line)
             status["failed"].append(line)
 
+
+
+def _source_changed(run: Run, config: Any) -> bool:
+    """True when ``run`` started from ``config.init_from`` and that run's weights are no longer the ones it took
+    (the source was trained again, or is gone)."""
+    if config.init_from is None:
+        return False
+    try:
+        taken = (run.checkpoint(verify=False) if run.exists() else {}).get("init_from_weights_sha256")
+    except CheckpointError:  # resuming it names the damage
+        return False
+    source = Run(config.init_from).summary() or {}
+    return taken is None or taken != source.get("weights_sha256")
 
 
 def _done(ctx: _Context) -> set[str]:

@@ -212,9 +212,12 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     run = Run(ckpt_io.check_out_dir(out_dir.folder if isinstance(out_dir, Run) else out_dir))
     if config.root is not None:  # absolute, so that the run can be evaluated from any folder
         config = config.replace(root=os.path.abspath(os.path.expanduser(config.root)))
+    if config.init_from is not None:
+        config = config.replace(init_from=os.path.abspath(os.path.expanduser(config.init_from)))
     ctx = init_distributed(config.device)
     try:
         config, state = _resumable_state(config, run, resume)
+        init = _init_source(config, run) if state is None else None
         if config.compile and ctx.device.type == "cpu":
             raise ValueError("compile: torch.compile is refused on the CPU (CPU training under it corrupted the heap "
                              "on AMD EPYC hosts, and it was no faster: 0.94x at the cpu preset); use --no-compile "
@@ -224,12 +227,12 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         if len(dataset) == 0:
             raise ValueError(f"dataset: {config.dataset!r} has no training images")
         if not ctx.is_main:
-            return _train(config, run, state, dataset, progress, ctx)
+            return _train(config, run, state, dataset, progress, ctx, init)
         with run.lock():
             if state is None and run.exists():
                 raise ckpt_io.RunLockedError(f"out: another training wrote {run.checkpoint_path} while "
                                              f"this one was loading its data; resume it or choose another --out")
-            return _train(config, run, state, dataset, progress, ctx)
+            return _train(config, run, state, dataset, progress, ctx, init)
     except KeyboardInterrupt as err:
         if isinstance(err, TrainingInterrupted):
             raise
@@ -251,6 +254,50 @@ def _resumable_state(config: TrainConfig, run: Run, resume: bool) -> tuple[Train
     state = run.checkpoint(map_location="cpu")
     stored = TrainConfig.from_dict(state["config"])
     return _check_resume_config(stored, config, int(state["epoch"]), run.folder), state
+
+
+# The fields a run and the run it starts from (``init_from``) must share: they fix the shapes of the weights taken.
+INIT_FIELDS = ("dataset", "image_size", "arch", "latent", "width", "levels", "max_width")
+
+
+def _init_source(config: TrainConfig, run: Run) -> dict | None:
+    """The verified checkpoint of ``config.init_from`` (None without one), checked before any data is loaded: a
+    finished run, not ``run`` itself, sharing `INIT_FIELDS` with ``config``. Each failure names ``init_from``."""
+    if config.init_from is None:
+        return None
+    source = Run(config.init_from)
+    if source.folder.resolve() == run.folder.resolve():
+        raise ValueError(f"init_from: {source.folder} is the run being trained; give another run's folder")
+    state = source.state()
+    if state != "complete":
+        what = "holds no run" if state == "absent" else "holds an unfinished run (resume it first)"
+        raise ValueError(f"init_from: {source.folder} {what}; it must be the folder of a finished run")
+    checkpoint = source.checkpoint(map_location="cpu")
+    stored = TrainConfig.from_dict(checkpoint["config"])
+    for name in INIT_FIELDS:
+        if getattr(stored, name) != getattr(config, name):
+            raise ValueError(f"init_from: {source.folder} was trained with {name}={getattr(stored, name)!r}, this "
+                             f"run has {name}={getattr(config, name)!r}; they must match ({', '.join(INIT_FIELDS)})")
+    return checkpoint
+
+
+def _start_from(run: "TrainState", source: dict) -> None:
+    """Load ``source`` (a checkpoint, `_init_source`) into a new run: every weight but the observation-noise head
+    (encoder, trunk, mean head), and λ when the source has the same head; the optimiser stays fresh."""
+    model = run.model
+    noise = {id(p) for p in model.noise_parameters()}
+    skip = {name for name, p in model.named_parameters() if id(p) in noise}
+    own = model.state_dict()
+    take = {k: v for k, v in source["model"].items() if k in own and k not in skip}
+    missing = sorted(k for k in own if k not in skip and (k not in take or take[k].shape != own[k].shape))
+    if missing:
+        raise ValueError(f"init_from: the source run's weights do not fit this model ({len(missing)} tensors, "
+                         f"first {missing[0]!r}); train the source with the same architecture")
+    model.load_state_dict(take, strict=False)
+    if source["config"]["head"] == run.config.head:
+        run.objective.load_state_dict({"lambda": source["lambda"],
+                                       "lambda_entropy": source.get("lambda_entropy", 0.0)})
+    run.init_digest = str(source["weights_sha256"])
 
 
 def train_config(config_fields: dict[str, Any] | None = None, *, preset: str = "smoke", dataset: str = "orl",
@@ -302,11 +349,14 @@ class TrainState:
     device_images: torch.Tensor | None = None
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
+    init_digest: str | None = None  # weights_sha256 of the ``init_from`` run the weights started from
 
 
 def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistContext | None = None,
-              dataset: Any = None, state: dict | None = None, forward_fn: Callable | None = None) -> TrainState:
-    """Build the model (weights from ``config.seed``, or from the checkpoint ``state``), its optimiser and objective
+              dataset: Any = None, state: dict | None = None, forward_fn: Callable | None = None,
+              init: dict | None = None) -> TrainState:
+    """Build the model (weights from ``config.seed``, from the checkpoint ``state``, or, for a new run, from the
+    ``init_from`` checkpoint ``init`` where `_start_from` says), its optimiser and objective
     on ``ctx.device`` (default: the CPU, one process), and, given a ``dataset``, its loader and the data generator
     (on the device). ``forward_fn``: see `_LossTerms` (the benchmark's reference likelihood).
 
@@ -336,6 +386,9 @@ def setup_run(config: TrainConfig, image_shape: tuple[int, int, int], ctx: DistC
         objective.load_state_dict({"lambda": state["lambda"], "lambda_entropy": state.get("lambda_entropy", 0.0)})
         run.history = list(state["history"])
         run.train_seconds = float(state["train_seconds"])
+        run.init_digest = state.get("init_from_weights_sha256")
+    elif init is not None:
+        _start_from(run, init)
     module: nn.Module = _LossTerms(model, objective.uses_entropy, forward_fn)
     if config.compile:
         module = torch.compile(module)
@@ -476,7 +529,7 @@ def _save(run: TrainState, folder: Run, image_shape: list[int], writer: Any) -> 
         "lambda_entropy": run.objective.lam_entropy, "rng": _rng_state(run.generator), "epoch": epoch,
         "config": run.config.to_dict(), "image_shape": image_shape, "history": run.history,
         "train_seconds": run.train_seconds, "weights_sha256": ckpt_io.tensor_digest(model_state),
-        "optimizer_sha256": ckpt_io.tensor_digest(optim_state),
+        "optimizer_sha256": ckpt_io.tensor_digest(optim_state), "init_from_weights_sha256": run.init_digest,
     })
     folder.write_history(run.history)
     if writer is not None:
@@ -488,11 +541,11 @@ def _save(run: TrainState, folder: Run, image_shape: list[int], writer: Any) -> 
 
 
 def _train(config: TrainConfig, folder: Run, state: dict | None, dataset, progress: bool,
-           ctx: DistContext) -> dict:
+           ctx: DistContext, init: dict | None = None) -> dict:
     wall_start = time.perf_counter()
     image_shape = [int(v) for v in (dataset.images.shape[1:] if hasattr(dataset, "images")
                                     else _first(dataset[0]).shape)]
-    run = setup_run(config, tuple(image_shape), ctx, dataset=dataset, state=state)
+    run = setup_run(config, tuple(image_shape), ctx, dataset=dataset, state=state, init=init)
     start_epoch = int(state["epoch"]) if state is not None else 0
 
     writer = None
@@ -534,7 +587,7 @@ def _train(config: TrainConfig, folder: Run, state: dict | None, dataset, progre
         "dataset": config.dataset, "head": config.head, "rank": run.model.rank, "latent": config.latent,
         "image_shape": image_shape, "train_items": len(dataset), "world_size": ctx.world_size,
         "device": str(ctx.device), "weights_sha256": weights_digest(run.model), "config": config.to_dict(),
-        "final": run.history[-1] if run.history else {},
+        "final": run.history[-1] if run.history else {}, "init_from_weights_sha256": run.init_digest,
     }
     if ctx.is_main:
         folder.write_summary(summary)
@@ -567,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder and trunk: fp32 | bf16 (autocast) | auto (bf16 on CUDA, fp32 on the CPU; default); "
                         "the likelihood is float32 always")
     p.add_argument("--image-size", type=_image_size, dest="image_size")
+    p.add_argument("--init-from", dest="init_from",
+                   help="a finished run's folder: start from its encoder, trunk and mean-head weights (a shared mean "
+                        "pre-training); the noise head, Adam and (for another head) λ start afresh")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     for name, typ in [("rank", int), ("latent", int), ("width", int), ("levels", int), ("epochs", int),
                       ("batch-size", int), ("max-items", int), ("pretrain-epochs", int), ("seed", int),

@@ -272,19 +272,29 @@ def test_plan_per_scale():
     cpu = reproduce.plan("cpu")
     assert [v.name for v in cpu] == ["orl-lowrank-r5", "orl-lowrank-r25", "orl-diagonal",
                                      "orl-lowrank-diag-r25", "fashion-mnist-lowrank-r25", "fashion-mnist-diagonal",
-                                     "celeba-lowrank-r25", "celeba-lowrank-diag-r25", "celeba-diagonal"]
+                                     "celeba-pretrain", "celeba-lowrank-r25", "celeba-lowrank-diag-r25",
+                                     "celeba-diagonal"]
     assert [v.name for v in cpu if v.main] == ["orl-lowrank-r25", "fashion-mnist-lowrank-r25", "celeba-lowrank-r25"]
     assert sum(v.minutes for v in cpu) <= 45  # training; evaluation and notebooks take the rest of the hour
-    celeba = [v.config() for v in cpu if v.dataset == "celeba"]
-    assert all(c.max_items is None and c.epochs == 6 and c.pretrain_epochs == 2 for c in celeba)
+    # celeba: one shared mean pre-training (2 epochs), then 6 epochs of each head started from it
+    pre, *heads = [v for v in cpu if v.dataset == "celeba"]
+    assert pre.pretrain and pre.config().epochs == pre.config().pretrain_epochs == 2
+    assert {v.head for v in heads} == {"lowrank", "lowrank-diag", "diagonal"}
+    for v in heads:
+        c = v.config(None, "/r/runs")
+        assert c.max_items is None and c.epochs == 6 and c.pretrain_epochs == 0 and c.init_from == "/r/runs/celeba-pretrain"
+        assert c.replace(init_from=None, pretrain_epochs=2, epochs=2, head="lowrank") == pre.config()
     for v in cpu:  # every planned configuration is valid
         c = v.config()
         assert c.dataset == v.dataset and c.head == v.head
     assert reproduce.plan("cpu", folder_root="/x")[-1].name == "folder-diagonal"
     assert reproduce.plan("paper")[0].config().image_size == (218, 178)
-    assert [v.name for v in reproduce.select(cpu, "celeba,orl-diagonal")] == ["orl-diagonal", "celeba-lowrank-r25",
+    assert [v.name for v in reproduce.select(cpu, "celeba,orl-diagonal")] == ["orl-diagonal", "celeba-pretrain",
+                                                                             "celeba-lowrank-r25",
                                                                              "celeba-lowrank-diag-r25",
                                                                              "celeba-diagonal"]
+    # a head alone brings the pre-training it starts from
+    assert [v.name for v in reproduce.select(cpu, "celeba-diagonal")] == ["celeba-pretrain", "celeba-diagonal"]
     with pytest.raises(ValueError, match="only: unknown name 'mnist'"):
         reproduce.select(cpu, "mnist")
     with pytest.raises(ValueError, match="scale"):
