@@ -335,7 +335,7 @@ class EvalConfig:
 
 _EVAL_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(k=2, num_images=16, num_samples=16, batch_size=16, patch=6, pca_train_items=32, progress=False),
-    "cpu": dict(k=8, num_images=200, batch_size=50, patch=10, pca_train_items=2000, face_images=64, progress=False),
+    "cpu": dict(k=8, num_images=200, batch_size=50, patch=10, pca_train_items=2000, face_images=128, progress=False),
     "gpu": dict(k=64, num_images=1000, batch_size=50, patch=10, pca_train_items=5000, device="auto",
                 progress=False),
     "paper": dict(k=64, num_images=1000, batch_size=25, patch=10, pca_train_items=2000, device="auto",

@@ -63,7 +63,7 @@ from .metrics import bits_per_dim
 
 __all__ = ["inpaint", "inpaint_distribution", "fill_only", "fill_hidden", "observed_marginal", "log_joint",
            "Inpainted", "HiddenScores", "RealInpaintScores", "REAL_INPAINT_FAMILIES", "DEFAULT_ROUNDS",
-           "DEFAULT_STEPS", "DEFAULT_LR"]
+           "DEFAULT_STEPS", "DEFAULT_LR", "PanelRow", "figure_masks", "inpaint_panel"]
 
 REAL_INPAINT_FAMILIES = ("top_half", "left_half", "random50", "patch10")
 """The mask families of the real-inpainting metrics (`sosvae_lib.metrics.INPAINT_FAMILIES` less ``patch10_maxvar``,
@@ -463,3 +463,88 @@ class RealInpaintScores:
             out[f"real_inpaint_nll_bpd_{family}"] = float(bits_per_dim(nll, hidden, bits=bits)) if hidden else math.nan
             out[f"real_inpaint_rmse_{family}_train_mean"] = math.sqrt(sq_fill / hidden) if hidden else math.nan
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the real-inpainting figure (notebooks/03_editing)
+# ----------------------------------------------------------------------------------------------------------
+
+def figure_masks(image_shape: tuple[int, int, int], patch: int = 10) -> dict[str, torch.Tensor]:
+    """The observed masks [D] (bool) of the real-inpainting figure: ``top_half``, ``left_half`` (as the metrics'
+    families) and ``patch``: a ``patch``×``patch`` square at the centre of the image (the metrics' ``patch10``
+    square is placed at random)."""
+    from . import metrics as M
+
+    c, h, w = image_shape
+    if isinstance(patch, bool) or not isinstance(patch, int) or not 1 <= patch <= min(h, w):
+        raise ValueError(f"patch: must be an integer in [1, {min(h, w)}] for {h}×{w} images, got {patch!r}")
+    corner = (torch.tensor([(h - patch) // 2]), torch.tensor([(w - patch) // 2]))
+    return dict(top_half=M.half_masks(1, image_shape, "top")[0], left_half=M.half_masks(1, image_shape, "left")[0],
+                patch=M.patch_masks(image_shape, *corner, patch)[0])
+
+
+@dataclass
+class PanelRow:
+    """One mask of the real-inpainting figure, all [C, H, W] on the CPU: ``truth``; ``observed`` (bool [D]);
+    ``means`` {method: the inpainted image (x on O, the prediction on H)}; ``samples`` [n, C, H, W] drawn from the
+    conditional of the method ``sampled``; ``rmse`` {method: RMSE on the hidden pixels}."""
+
+    truth: torch.Tensor
+    observed: torch.Tensor
+    means: dict[str, torch.Tensor]
+    samples: torch.Tensor | None
+    sampled: str | None
+    rmse: dict[str, float]
+
+
+@torch.no_grad()
+def inpaint_panel(x: torch.Tensor, masks: Mapping[str, torch.Tensor], fill: torch.Tensor,
+                  models: Mapping[str, nn.Module], *, pca: LowRankNormal | DiagonalNormal | None = None,
+                  diag_scales: Mapping[str, float | Calibration | None] | None = None, sampled: str | None = None,
+                  num_samples: int = 3, seed: int = 0) -> dict[str, PanelRow]:
+    """Real inpainting of one image ``x`` [C, H, W] under each of ``masks`` {name: observed [D] or [C, H, W]} by
+    every method: ``pca`` (a distribution without latent, e.g. `sosvae_lib.pca.PCAModel.distribution`, by
+    `inpaint_distribution`; listed first), then each of ``models`` {name: VAE} by `inpaint` with ``fill`` (the
+    training mean) and its ``diag_scales`` entry, and the training mean itself (``train mean``, `fill_only`).
+    ``num_samples`` completions of the model ``sampled`` (default: the last model) come from a CPU generator
+    seeded with ``seed`` (`Inpainted.sample`, moved to the model's device). Runs on each model's device; returns
+    {mask name: `PanelRow`} on the CPU."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3:
+        raise ValueError(f"x: must be one floating-point image [C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not masks:
+        raise ValueError("masks: need at least one mask")
+    if not models:
+        raise ValueError("models: need at least one model")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"num_samples: must be an integer >= 0, got {num_samples!r}")
+    sampled = list(models)[-1] if sampled is None else sampled
+    if sampled not in models:
+        raise ValueError(f"sampled: must be one of the models {list(models)}, got {sampled!r}")
+    diag_scales = dict(diag_scales or {})
+    unknown = sorted(set(diag_scales) - set(models))
+    if unknown:
+        raise ValueError(f"diag_scales: {unknown[0]!r} is not one of the models {list(models)}")
+    batch = x[None]
+    out: dict[str, PanelRow] = {}
+    for name, mask in masks.items():
+        observed = torch.as_tensor(mask).reshape(1, -1).bool()
+        results: dict[str, Inpainted] = {}
+        if pca is not None:
+            results["PPCA"] = inpaint_distribution(pca, batch.to(pca.loc.device, pca.loc.dtype), observed)
+        for label, model in models.items():
+            device = next(model.parameters()).device
+            results[label] = inpaint(model, batch.to(device), observed, fill=fill, diag_scale=diag_scales.get(label))
+        results["train mean"] = fill_only(batch, observed, fill)
+        samples = None
+        if num_samples:
+            gen = torch.Generator().manual_seed(seed)
+            samples = results[sampled].sample(num_samples, gen)[:, 0].float().cpu()
+        rmse = {}
+        for label, res in results.items():
+            score = res.score(batch.to(res.mean.device))
+            rmse[label] = math.sqrt(float(score.sq_err.sum()) / max(1, int(score.num_hidden.sum())))
+        out[name] = PanelRow(truth=x.float().cpu(), observed=observed[0].cpu(),
+                             means={k: r.mean[0].float().cpu() for k, r in results.items()},
+                             samples=samples, sampled=sampled if num_samples else None, rmse=rmse)
+    return out

@@ -6,6 +6,8 @@ Variational Autoencoders", TMLR 2022), each a function that returns a `matplotli
   model (``lowrank`` beside ``diagonal``).
 - `editor_figure`: the editor — dark strokes on a mean propagated by Gaussian conditioning (before / after /
   change), and completions sampled given a revealed 10×10 patch (`sosvae_lib.editing.edit_panels`).
+- `real_inpainting_figure`: real inpainting (`sosvae_lib.inpaint.inpaint_panel`), one row per mask: the truth, what
+  the model is given, PPCA, the pixel-wise model, the lowrank mean and lowrank completions, RMSE on the hidden pixels.
 - `session_figure`: the editor's API applied by script (`sosvae_lib.editing.scripted_session`): μ, each stroke
   propagated and its change, conditional samples.
 - `sweeps_figure`: each column of P, or each principal direction of P Pᵀ, swept from −3 to +3 standard deviations.
@@ -37,6 +39,7 @@ from . import components as C
 from ._io import atomic_write_bytes
 from .heads import head_names, head_spec
 from .editing import Completions, EditorSession, EditResult
+from .inpaint import PanelRow
 
 Shape = tuple[int, int, int]
 FORMATS = ("png", "pdf")
@@ -253,6 +256,46 @@ def editor_figure(edits: Mapping[str, tuple[EditResult, Completions]]) -> Figure
                 axes[1, j].add_patch(Rectangle((int(cols_[0]) - 0.5, int(rows[0]) - 0.5), len(cols_), len(rows),
                                                fill=False, edgecolor="#ff2d2d", linewidth=1.0))
         sub.suptitle(name, fontsize=9)
+    return fig
+
+
+def real_inpainting_figure(rows: Mapping[str, PanelRow], title: str = "") -> Figure:
+    """Real inpainting, one row per mask of `sosvae_lib.inpaint.inpaint_panel`: the truth; what the models are
+    given (the hidden pixels grey, outlined); each method's inpainted image (observed pixels as given) with its
+    RMSE on the hidden pixels; the completions sampled from the conditional of the last model. The training mean's
+    RMSE, the floor, is in the row label."""
+    if not rows:
+        raise ValueError("rows: need at least one mask")
+    first = next(iter(rows.values()))
+    methods = [m for m in first.means if m != "train mean"]
+    n_samples = max((r.samples.shape[0] for r in rows.values() if r.samples is not None), default=0)
+    cols = 2 + len(methods) + n_samples
+    fig = _grid(len(rows), cols, cell=1.1, extra_h=0.5 + 0.15 * len(rows))
+    axes = fig.subplots(len(rows), cols, squeeze=False, gridspec_kw=dict(wspace=0.04, hspace=0.3))
+    for i, (name, r) in enumerate(rows.items()):
+        shape = tuple(r.truth.shape)
+        hidden = ~r.observed
+        given = torch.where(r.observed, r.truth.reshape(-1), torch.full_like(r.truth.reshape(-1), 0.5))  # hidden: grey
+        panels = [(r.truth, "truth"), (given, "given")]
+        panels += [(r.means[m], f"{m}\n{r.rmse[m]:.3f}") for m in methods]
+        if r.samples is not None:
+            panels += [(r.samples[j], f"{r.sampled} sample {j + 1}") for j in range(r.samples.shape[0])]
+        for j in range(cols):
+            ax = axes[i, j]
+            _blank(ax)
+            if j >= len(panels):
+                continue
+            img, label = panels[j]
+            _show(ax, _image(img.reshape(-1), shape))
+            if j > 0 and hidden.any():
+                _outline(ax, hidden, shape)
+            if i == 0 or 2 <= j < 2 + len(methods):  # a method's RMSE on every row, the other labels once
+                ax.set_title(label, fontsize=6)
+        axes[i, 0].set_ylabel(f"{name.replace('_', ' ')}\ntrain mean {r.rmse.get('train mean', float('nan')):.3f}",
+                              fontsize=7)
+        axes[i, 0].yaxis.set_visible(True)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig
 
 

@@ -12,7 +12,7 @@ after its runs last changed is kept, `notebook_done`, so an interrupted command 
 writes
 
     <out>/<scale>/figures/*.png, *.pdf  (and the numbers each notebook recorded, *.json)
-    <out>/<scale>/tables/metrics.csv, metrics.md, metrics.json
+    <out>/<scale>/tables/metrics.csv, metrics.md, metrics.json, real_inpainting.md
     <out>/<scale>/notebooks/*.ipynb     (the executed notebooks)
     <out>/<scale>/runs/<variant>/       (run directories: checkpoint, config, metrics.csv, eval_test.json)
     <out>/<scale>/README.md             (gallery and table), reproduce.json (plan, status and timings)
@@ -349,6 +349,11 @@ CAPTIONS = {
               "one after the other (outlined), each image the conditional mean given every painted pixel; the "
               "change columns show the cumulative change outside the strokes; then samples from p(x | strokes). "
               "For the diagonal model nothing propagates.",
+    "real_inpainting": "Real inpainting of a test image: each model is given only the observed pixels (the top "
+                       "half, the left half, a central square; the hidden ones grey and outlined) and never the "
+                       "hidden ones. PPCA, the pixel-wise model and SOS-VAE (lowrank, calibrated diagonal) predict "
+                       "the rest, with their RMSE on the hidden pixels (the training mean's beside each row); then "
+                       "completions sampled from SOS-VAE's conditional p(x_H | x_O, z).",
     "columns": "Each column of P (by decreasing norm) swept from −3 to +3 around μ(z = 0); the last column is the "
                "column itself.",
     "principal": "Each principal direction of P Pᵀ (from the R×R eigenproblem), swept from −3 to +3 standard "
@@ -365,7 +370,7 @@ CAPTIONS = {
 
 def _caption(stem: str) -> str:
     for key in ("metrics_vs_rank", "interpolation", "principal", "columns", "editing", "editor", "samples",
-                "training"):
+                "training", "real_inpainting"):
         if stem.endswith(key):
             return CAPTIONS[key]
     return ""
@@ -402,6 +407,12 @@ def write_readme(scale_dir: Path, scale: str, status: dict[str, Any]) -> Path:
                     r = entry[model]
                     label = model if model == "diagonal" else f"{model} R={r['rank']}"
                     lines.append(f"| {ds} | {label} | " + " | ".join(format_cell(r.get(k)) for k in keys) + " |")
+    real = scale_dir / "tables" / "real_inpainting.md"
+    if real.is_file():
+        lines += ["", "## Real inpainting", "", "RMSE on the hidden pixels when only the observed ones reach the model "
+                  "(`sosvae_lib.inpaint`): the headline lowrank run, the PPCA of its rank, the pixel-wise model and "
+                  "the training mean, per mask (top_half, left_half, patch10: that region observed; random50: a "
+                  "random half of the pixels).", "", real.read_text().rstrip(), ""]
     md = scale_dir / "tables" / "metrics.md"
     if md.is_file():
         lines += ["", "## Metrics", "", "One row per (dataset, head, rank); `pca` is the global PPCA baseline of the "
@@ -607,7 +618,8 @@ def _figures(ctx: _Context, variants: list[Variant], present: list[str]) -> None
                       train_missing=False, dataset=mains[0].dataset, figures_dir=str(figures_dir))
         inputs = [f for v in (mains[0], *diags[:1]) for f in Run(runs_dir / v.name).files()]
         for nb, extra in (("02_samples", dict(figure_name=f"{ds}_samples")),
-                          ("03_editing", dict(figure_name=f"{ds}_editing")),
+                          ("03_editing", dict(figure_name=f"{ds}_editing",
+                                              inpainting_figure_name=f"{ds}_real_inpainting")),
                           ("04_components", dict(figure_prefix=ds)),
                           ("06_editor", dict(figure_name=f"{ds}_editor"))):
             t0 = time.perf_counter()

@@ -12,7 +12,6 @@ import torch
 
 from conftest import copy_run, smoke_config, train_cli
 from sosvae_lib import train as train_mod
-from sosvae_lib.model import build_model
 from sosvae_lib.runs import Run
 
 SHAPE = (1, 16, 16)

@@ -341,3 +341,77 @@ def test_real_inpaint_scores_are_the_pooled_sums():
         I.RealInpaintScores().add(model, x, dict(random50=masks["random50"]), fill)
     with pytest.raises(ValueError, match="no images"):
         I.RealInpaintScores().result()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the figure's panel (inpaint_panel, figure_masks)
+# ----------------------------------------------------------------------------------------------------------
+
+def test_figure_masks_observe_the_top_half_the_left_half_and_a_central_square():
+    shape = (3, 8, 10)
+    m = {k: v.reshape(shape) for k, v in I.figure_masks(shape, 4).items()}
+    assert list(m) == ["top_half", "left_half", "patch"]
+    assert m["top_half"][:, :4].all() and not m["top_half"][:, 4:].any()
+    assert m["left_half"][:, :, :5].all() and not m["left_half"][:, :, 5:].any()
+    assert m["patch"].sum() == 3 * 16 and m["patch"][:, 2:6, 3:7].all()
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match="patch"):
+            I.figure_masks(shape, bad)
+
+
+def test_the_panel_is_inpaint_of_each_method_and_never_sees_the_hidden_pixels():
+    shape = (3, 8, 8)
+    models = {"diagonal": _model("diagonal", shape), "lowrank": _model("lowrank", shape, seed=1)}
+    x = _images(1, shape)[0]
+    fill = _images(1, shape, seed=5)[0]
+    ppca = LowRankNormal(torch.rand(192, dtype=F64), 0.1 * torch.randn(192, 3, dtype=F64), torch.full((192,), 0.05, dtype=F64))
+    masks = I.figure_masks(shape, 4)
+    panel = I.inpaint_panel(x, masks, fill, models, pca=ppca, diag_scales={"lowrank": 2.0}, num_samples=3, seed=7)
+    assert list(panel) == list(masks)
+    for name, row in panel.items():
+        observed = masks[name]
+        assert list(row.means) == ["PPCA", "diagonal", "lowrank", "train mean"]
+        want = I.inpaint(models["lowrank"], x[None], observed[None], fill=fill, diag_scale=2.0)
+        assert torch.equal(row.means["lowrank"], want.mean[0])
+        assert torch.equal(row.means["diagonal"],
+                           I.inpaint(models["diagonal"], x[None], observed[None], fill=fill).mean[0])
+        # PPCA against the dense float64 conditional mean: μ_H + Σ_HO Σ_OO⁻¹ (x_O − μ_O)
+        cov = ppca.cov_factor @ ppca.cov_factor.T + torch.diag(ppca.cov_diag)
+        o, h = observed, ~observed
+        xf = x.reshape(-1).double()
+        dense = ppca.loc[h] + cov[h][:, o] @ torch.linalg.solve(cov[o][:, o], xf[o] - ppca.loc[o])
+        torch.testing.assert_close(row.means["PPCA"].reshape(-1)[h].double(), dense, atol=1e-5, rtol=0)
+        assert torch.equal(row.means["train mean"].reshape(-1)[h], fill.reshape(-1)[h])
+        # completions keep the observed pixels exactly and come from the lowrank model's conditional
+        assert row.samples.shape == (3, *shape) and row.sampled == "lowrank"
+        assert torch.equal(row.samples.reshape(3, -1)[:, o], xf[o].float().expand(3, -1))
+        torch.testing.assert_close(row.samples, want.sample(3, torch.Generator().manual_seed(7))[:, 0])
+        for label, mean in row.means.items():
+            err = (mean.reshape(-1)[h].double() - xf[h]).square().mean().sqrt()
+            assert row.rmse[label] == pytest.approx(float(err), rel=1e-6)
+    # another image with the same observed pixels: the same predictions (only the RMSEs change)
+    for name, observed in masks.items():
+        y = torch.where(observed.reshape(shape), x, torch.rand(shape))
+        again = I.inpaint_panel(y, {name: observed}, fill, models, pca=ppca, diag_scales={"lowrank": 2.0},
+                                num_samples=3, seed=7)[name]
+        for label in panel[name].means:
+            assert torch.equal(again.means[label], panel[name].means[label]), (name, label)
+        assert torch.equal(again.samples, panel[name].samples)
+
+
+def test_the_panel_names_its_bad_arguments():
+    shape = (3, 8, 8)
+    model, x, fill = _model("lowrank", shape), _images(1, shape)[0], _images(1, shape)[0]
+    masks = I.figure_masks(shape, 4)
+    with pytest.raises(ValueError, match="x:"):
+        I.inpaint_panel(x[None], masks, fill, {"lowrank": model})
+    with pytest.raises(ValueError, match="masks"):
+        I.inpaint_panel(x, {}, fill, {"lowrank": model})
+    with pytest.raises(ValueError, match="models"):
+        I.inpaint_panel(x, masks, fill, {})
+    with pytest.raises(ValueError, match="sampled"):
+        I.inpaint_panel(x, masks, fill, {"lowrank": model}, sampled="other")
+    with pytest.raises(ValueError, match="diag_scales"):
+        I.inpaint_panel(x, masks, fill, {"lowrank": model}, diag_scales={"diagonal": 2.0})
+    with pytest.raises(ValueError, match="num_samples"):
+        I.inpaint_panel(x, masks, fill, {"lowrank": model}, num_samples=-1)

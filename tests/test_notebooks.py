@@ -42,7 +42,8 @@ def test_smoke_reproduction_writes_every_expected_file(smoke):
     assert smoke["rc"] == 0
     d = smoke["dir"]
     stems = [f"{v}_training" for v in VARIANTS] + ["orl_samples", "orl_editing", "orl_columns", "orl_principal",
-                                                   "orl_interpolation", "orl_editor", "metrics_vs_rank"]
+                                                   "orl_interpolation", "orl_editor", "orl_real_inpainting",
+                                                   "metrics_vs_rank"]
     for stem in stems:
         for ext in ("png", "pdf"):
             assert (d / "figures" / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
@@ -116,6 +117,18 @@ def test_03_editing_propagates_only_with_the_lowrank_model(smoke):
     assert n["diagonal"]["propagated_rms"] == 0 and n["diagonal"]["propagated_fraction"] == 0
     assert n["lowrank"]["propagated_rms"] > 0 and n["lowrank"]["propagated_fraction"] > 0.5
     assert n["diagonal"]["rmse_cond"] == pytest.approx(n["diagonal"]["rmse_uncond"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_03_editing_records_real_inpainting_of_every_method(smoke):
+    n = _numbers(smoke, "orl_real_inpainting")
+    assert sorted(n) == ["left_half", "patch", "top_half"]
+    # 16×16 grey images: half hidden, or all but the central 10×10 square; the evaluation calibrated the diagonal
+    assert {k: n[k]["hidden_pixels"] for k in n} == dict(top_half=128, left_half=128, patch=256 - 100)
+    for row in n.values():
+        assert row["calibrated"] is True
+        assert set(row["rmse_hidden"]) == {"PPCA", "diagonal", "lowrank", "train mean"}
+        assert _finite(*row["rmse_hidden"].values()) and all(0 < v < 1 for v in row["rmse_hidden"].values())
 
 
 @pytest.mark.slow

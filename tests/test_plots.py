@@ -219,6 +219,16 @@ def test_figures_are_built_with_the_documented_layout(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         plots.sweeps_figure(sweeps, "rows")
     assert sum(len(s.axes) for s in plots.interpolation_figure(models, steps=4).subfigs) == 2 * 4 * 4
+    from sosvae_lib import inpaint as I
+    x = torch.rand(SHAPE)
+    panel = I.inpaint_panel(x, I.figure_masks(SHAPE, 4), x.mean(), models, pca=_lowrank(batch=()), num_samples=2)
+    fig = plots.real_inpainting_figure(panel, "t")
+    assert len(fig.axes) == 3 * (2 + 3 + 2)  # per mask: truth, given, PPCA + 2 models, 2 samples
+    assert [ax.get_title() for ax in fig.axes[:7]] == ["truth", "given"] + [
+        f"{m}\n{panel['top_half'].rmse[m]:.3f}" for m in ("PPCA", "lowrank", "diagonal")] + [
+        "diagonal sample 1", "diagonal sample 2"]
+    with pytest.raises(ValueError, match="rows"):
+        plots.real_inpainting_figure({})
     hist = [dict(epoch=e, nll_bpd=9.0 - e, kl=e, target_kl=5.0, **{"lambda": 0.1 * e}) for e in (1, 2, 3)]
     assert len(plots.training_curves_figure({"a": hist}).axes) == 3
     rows = [dict(dataset="orl", head=h, rank=r, test_nll_bpd=5.0 - 0.1 * r, residual_corr_samples=0.5,
@@ -324,3 +334,21 @@ def test_table_cells_keep_significant_zeros():
     assert [tables.format_cell(v) for v in (6.99991, 1208.3, 0.0004045, 0.5, 0.0, 123456.0, None, 3)] == \
         ["7.000", "1208", "4.045e-04", "0.5000", "0.000", "1.235e+05", "", "3"]
     assert tables.format_cell(float("nan")) == "nan"
+
+
+def test_real_inpainting_rows_compare_the_headline_lowrank_run_with_pca_and_the_training_mean():
+    fam = tables.REAL_INPAINT_FAMILIES
+    low = dict(dataset="orl", head="lowrank", rank=5, **{f"real_inpaint_rmse_{f}": 0.1 * (i + 1) for i, f in enumerate(fam)},
+               **{f"real_inpaint_rmse_{f}_train_mean": 0.25 for f in fam})
+    small = dict(low, rank=1, **{f"real_inpaint_rmse_{f}": 0.0 for f in fam})  # not the headline run
+    pca = dict(dataset="orl", head="pca", rank=5, **{f"real_inpaint_rmse_{f}": 0.15 for f in fam})
+    diag = dict(dataset="orl", head="diagonal", rank=0, **{f"real_inpaint_rmse_{f}": 0.3 for f in fam})
+    rows = tables.real_inpainting_rows([small, low, pca, diag])
+    assert [r["mask"] for r in rows] == list(fam)
+    assert [(r["lowrank"], r["pca"], r["diagonal"], r["train_mean"]) for r in rows][1] == (0.2, 0.15, 0.3, 0.25)
+    assert [r["beats_pca"] for r in rows] == [True, False, False, False]
+    assert [r["beats_train_mean"] for r in rows] == [True, True, False, False]
+    del pca["real_inpaint_rmse_top_half"]
+    assert tables.real_inpainting_rows([low, pca])[0]["beats_pca"] is None
+    md = tables.to_markdown(rows, tables.REAL_INPAINT_TABLE_COLUMNS).splitlines()
+    assert md[2] == "| orl | top_half | 0.1000 | 0.1500 | 0.3000 | 0.2500 | True | True |"
