@@ -116,7 +116,8 @@ def _resume_accepts(run: Run, config: TrainConfig) -> bool:
 _CHANGED = dict(dataset="fashion-mnist", root="/elsewhere", image_size=32, max_items=16, augment=False,
                 dequantize=False, arch="authors", head="lowrank-diag", rank=3, latent=5, width=8, levels=3,
                 max_width=64, eps=2e-5, init_var=0.02, epochs=2, batch_size=4, lr=2e-3, target_kl=6.0, damping=5.0,
-                lambda_lr=0.5, lambda_init=0.1, entropy_target=-50.0, beta=1.0, pretrain_epochs=1, seed=1,
+                lambda_lr=0.5, lambda_init=0.1, entropy_target=-50.0, beta=1.0, pretrain_epochs=1,
+                init_from="/elsewhere/run", seed=1,
                 device="cuda", num_workers=1, precision="fp32", data_on_device=True, compile=True,
                 deterministic=True)
 
