@@ -172,10 +172,10 @@ def plan(scale: str, folder_root: str | None = None) -> list[Variant]:
                         pretrain_epochs=2)
         # celeba: the whole training split of the subset (7,001 faces; 2,000 images × 6 epochs left the prior
         # means brown blobs), the recipe measured in docs/experiments/celeba_cpu_recipe.md: one shared mean
-        # pre-training of 2 epochs, then 6 epochs per head, target KL 15 (30 left the lowrank means blurrier);
+        # pre-training of 4 epochs, then 5 epochs per head, target KL 15 (30 left the lowrank means blurrier);
         # ~100 s per epoch on 2 idle cores.
-        out += _variants("celeba", "cpu", (25,), 10.0, learned=True, image_size=64, epochs=6, target_kl=15.0,
-                         shared_pretrain=(2, 3.3))
+        out += _variants("celeba", "cpu", (25,), 8.3, learned=True, image_size=64, epochs=5, target_kl=15.0,
+                         shared_pretrain=(4, 6.7))
         if folder_root:
             out += _variants("folder", "cpu", (25,), 3.0, image_size=64, max_items=2000, epochs=6,
                             pretrain_epochs=2)
