@@ -9,7 +9,8 @@ apart, in `sosvae_lib.widget`; a run folder is read through `sosvae_lib.runs.Run
 
 `Editor` works without any frontend: ``Editor(run_or_model, image=...)``, then ``paint(points, value, width)``,
 ``image`` (the propagated image, [C, H, W]), ``undo()``, ``reset()``, ``samples(n)``, ``directions()`` /
-``explore(t)`` (principal directions of P Pᵀ) and ``set_eps(eps)`` (no smaller than ``min_eps``). The editing
+``explore(t)`` (principal directions of P Pᵀ), ``set_eps(eps)`` (no smaller than ``min_eps``) and
+``erase_and_fill(points | mask)`` (real inpainting of a loaded image: the erased pixels never reach the model). The editing
 notebooks check their parameters and runs with `check_parameters` and `check_runs`.
 
 After every stroke the image is the conditional mean E[x | x_S = painted values] over the set S of every pixel
@@ -43,7 +44,7 @@ from .config import check_int
 from .distributions import DiagonalNormal, LowRankNormal
 from .heads import head_names, head_spec
 from .metrics import most_uncertain_patch, patch_masks
-from .runs import Run
+from .runs import Run, stack_images
 
 __all__ = ["Editor", "EditorSession", "EditResult", "Completions", "DEFAULT_STROKES", "screen_to_pixel",
            "stroke_pixels", "fraction_points", "default_width", "calibrated_eps", "with_eps", "run_image",
@@ -51,6 +52,8 @@ __all__ = ["Editor", "EditorSession", "EditResult", "Completions", "DEFAULT_STRO
            "check_runs", "RUN_HEADS", "run_heads", "EPS_ULPS"]
 
 Shape = tuple[int, int, int]
+FILL_IMAGES = 500
+"""Training images whose mean fills the erased pixels before encoding (`Editor.erase_and_fill`)."""
 EVAL_SPLITS = ("val", "test")
 """Evaluation results of a run also searched (in this order) for a calibrated diagonal, when the run has no
 calibration: ``eps_calibrated`` (the calibrated ε of a fixed diagonal) or ``diag_scale_calibrated`` (the multiplier
@@ -352,6 +355,9 @@ class Editor:
                  device: str | torch.device = "cpu"):
         self.seed = check_int("seed", seed, 0)
         self.model, self.run = None, None
+        self._loaded: torch.Tensor | None = None  # the image given (tensor or test index), [C, H, W]
+        self._erased: torch.Tensor | None = None  # bool [D]: the pixels erased so far (`erase_and_fill`)
+        self._fill: torch.Tensor | None = None
         if isinstance(source, (Run, str, os.PathLike)):
             self.run = Run(source)
             self.model = self.run.load_model(device)
@@ -420,7 +426,8 @@ class Editor:
                                  "pass the image tensor [C, H, W] instead")
             image = run_image(self.run, image, name="image")
         dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
-        return reconstruction(self.model, _checked_image(image, self.image_shape, dtype))
+        self._loaded = _checked_image(image, self.image_shape, dtype).to(device)
+        return reconstruction(self.model, self._loaded)
 
     # -- what is shown ---------------------------------------------------------------------------------------
     @property
@@ -568,6 +575,75 @@ class Editor:
         if not inside:
             return None
         return self.paint(inside, value, width)
+
+    def erase_and_fill(self, points: Any = None, width: int | None = None, *, mask: Any = None,
+                       fill: torch.Tensor | None = None) -> torch.Tensor:
+        """Erase pixels of the loaded image and fill them by real inpainting (`sosvae_lib.inpaint.inpaint`): the
+        erased pixels never reach the model. Erase a stroke through ``points`` (as `paint`, brush ``width``) or
+        the pixels of ``mask`` (bool [H, W] or [C, H, W]); erasures add up over calls. z is encoded from the image
+        with the erased pixels replaced by ``fill`` (default: the mean of the run's first `FILL_IMAGES` training
+        images; without a run, each channel's mean over the kept pixels), at the run's calibrated diagonal when it
+        has one; then the editor edits p(x | z): its base becomes that decoded distribution and its one state the
+        kept pixels, so `image` is x on the kept pixels and E[x_erased | x_kept, z] on the erased ones, `samples`
+        complete the erased region, and later strokes condition on both (`undo` and `reset` return to μ(z)).
+        Needs a model and an image given as a tensor or a test index (a prior draw has no pixels to keep); erasing
+        every pixel is refused. Returns the new `image`."""
+        from .inpaint import inpaint  # real inpainting: x̂ = where(kept, x, fill) is all the model ever sees
+
+        if self.model is None or self._loaded is None:
+            raise ValueError("image: erase_and_fill needs a model and a loaded image (a tensor or a test index); "
+                             "this editor shows a prior draw or was given a distribution")
+        c, h, w = self.image_shape
+        if (points is None) == (mask is None):
+            raise ValueError("points: give either points (a stroke to erase) or mask (pixels to erase), not both")
+        loc = self._trained.loc
+        if mask is not None:
+            m = torch.as_tensor(mask)
+            if m.dtype != torch.bool or tuple(m.shape) not in ((h, w), (c, h, w)):
+                raise ValueError(f"mask: must be a bool tensor [H, W] = [{h}, {w}] or [C, H, W] = [{c}, {h}, {w}], "
+                                 f"got {m.dtype} {tuple(m.shape)}")
+            erase = m.to(loc.device).expand(c, h, w).reshape(-1)
+        else:
+            width = default_width(self.hw) if width is None else width
+            erase = stroke_pixels(points, self.hw, width).to(loc.device).unsqueeze(0).expand(c, h, w).reshape(-1)
+        erased = erase if self._erased is None else self._erased | erase
+        kept = ~erased
+        if not bool(kept.any()):
+            raise ValueError("mask: every pixel would be erased; keep some pixels to fill the rest from")
+        if fill is None:
+            fill = self._training_fill()
+        scale = None
+        if self.run is not None and (cal := self.run.calibration()) is not None and self.rank > 0:
+            scale = cal.scale
+        x = self._loaded.reshape(1, c, h, w)
+        with torch.no_grad():
+            z = inpaint(self.model, x, kept.reshape(1, -1), fill=fill, diag_scale=scale).z
+            decoded = self.model.decode(z)
+        self._erased = erased
+        self._trained = decoded if tuple(decoded.batch_shape) == (1,) else decoded.expand((1,))
+        self._base = with_eps(self._trained, self._eps, self._fixed)
+        flat = x.reshape(-1).to(loc.dtype)
+        values = torch.where(kept, flat, torch.zeros_like(flat))
+        del self._stack[1:]
+        self._stack[0] = _State(torch.zeros_like(kept), torch.zeros_like(values), 0)
+        state = _State(kept, values, 1)
+        self._image(state)
+        self._stack.append(state)
+        return self.image
+
+    def _training_fill(self) -> torch.Tensor | None:
+        """The mean of the run's first `FILL_IMAGES` training images [C, H, W] (cached), or None without a run."""
+        if self.run is None:
+            return None
+        if self._fill is None:
+            n = FILL_IMAGES
+            self._fill = stack_images(self.run.dataset("train", n, augment=False), n).mean(0)
+        return self._fill
+
+    @property
+    def erased(self) -> torch.Tensor | None:
+        """bool [C, H, W]: the pixels erased by `erase_and_fill` so far (None before any)."""
+        return None if self._erased is None else self._erased.reshape(self.image_shape).clone()
 
     def undo(self) -> torch.Tensor:
         """Remove the latest stroke; the image is then bitwise the one shown before it. No-op without strokes."""
