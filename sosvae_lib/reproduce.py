@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -757,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(Path(args.out).expanduser() / args.scale, "out")
     except USAGE_ERRORS as err:
         parser.error(str(err))
+    # Ctrl-C reaches the notebook's kernel too; nbclient's pending cell task then dies with the kernel, and asyncio
+    # would log its DeadKernelError with a traceback after the one line below. The command reports its own errors.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         status = reproduce(args.scale, args.out, args.only, args.force, args.celeba_root, args.folder_root,
                            "default" if args.cell_timeout is None else args.cell_timeout, args.device,

@@ -73,3 +73,18 @@ def test_gpu_reproduction_plan():
         assert c.max_items is None  # whole training splits
     assert reproduce.select(variants, "celeba109x89") == [v for v in variants if v.group == "celeba109x89"]
     assert EvalConfig.preset("gpu").device == "auto"
+
+
+def test_inpaint_options_measures_every_setting_on_a_run(smoke_run, tmp_path):
+    spec = importlib.util.spec_from_file_location("inpaint_options", REPO / "benchmarks" / "inpaint_options.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "o.txt"
+    assert module.main([str(smoke_run), "--images", "4", "--out", str(out)]) == 0
+    import json
+    row = json.loads(out.read_text())
+    families = ["top_half", "left_half", "random50", "patch10"]
+    for label in ("default", "rounds=2", "steps=20", "mu(z) only"):
+        assert all(0 < row[label][f] < 1 for f in families), label
+    # the default is the evaluation's inference: the same numbers as RealInpaintScores with no options
+    assert row["images"] == 4 and row["default"] != row["steps=20"]

@@ -213,7 +213,11 @@ def test_ctrl_c_in_a_terminal_stops_the_kernel_and_the_same_command_resumes(tmp_
         while not kernels and time.monotonic() < deadline:  # the training kernel: a child of reproduce
             kernels = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             time.sleep(0.2)
-        time.sleep(2)
+        # the signal goes when the kernel is training (its run folder has a config): a kernel still starting
+        # ignores SIGINT (ipykernel), and under load that took longer than any fixed wait
+        started = tmp_path / "smoke" / "runs" / "orl-lowrank-r1" / "config.json"
+        while not started.exists() and time.monotonic() < deadline + 120:
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
