@@ -201,8 +201,10 @@ def test_ctrl_c_in_a_terminal_stops_the_kernel_and_the_same_command_resumes(tmp_
     cmd = [sys.executable, "-m", "sosvae_lib.reproduce", "--scale", "smoke", "--only", "orl-lowrank-r1",
            "--out", str(tmp_path), "--device", "cpu"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # as from a terminal's shell: SIGINT at its default disposition (an earlier test of the suite may leave it
+    # ignored in this process, and an ignored SIGINT is inherited by the command)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = ""
         while "training (new" not in line:
