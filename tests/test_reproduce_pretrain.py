@@ -10,6 +10,8 @@ import pytest
 from sosvae_lib import reproduce
 from sosvae_lib.runs import Run
 
+pytestmark = pytest.mark.slow  # reproduce runs the notebooks through papermill
+
 
 def _plan(pretrain_seed: int):
     variants = reproduce._variants("orl", "smoke", (2,), 0.1, shared_pretrain=(1, 0.1))
