@@ -26,7 +26,7 @@ import torch
 
 from sosvae_lib import evaluate as E
 from sosvae_lib import inpaint as I
-from sosvae_lib.runs import Run, stack_images
+from sosvae_lib.runs import Run
 
 SETTINGS = (("default", {}), ("rounds=2", dict(rounds=2)), ("steps=20", dict(steps=20)))
 
@@ -34,8 +34,7 @@ SETTINGS = (("default", {}), ("rounds=2", dict(rounds=2)), ("steps=20", dict(ste
 def measure(run: Run, n: int) -> dict:
     model = run.load_model()
     x = run.images("test", n)
-    train = stack_images(run.dataset("train", 2000, augment=False), 2000)
-    fill = train.mean(0)
+    fill = run.images("train", 2000).mean(0)
     cal = run.calibration()
     scale = None if cal is None else cal.scale
     _, _, _, _, masks, _ = E._setup(x, 10, 0, torch.device("cpu"))

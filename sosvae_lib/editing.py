@@ -44,7 +44,7 @@ from .config import check_int
 from .distributions import DiagonalNormal, LowRankNormal
 from .heads import head_names, head_spec
 from .metrics import most_uncertain_patch, patch_masks
-from .runs import Run, stack_images
+from .runs import Run
 
 __all__ = ["Editor", "EditorSession", "EditResult", "Completions", "DEFAULT_STROKES", "screen_to_pixel",
            "stroke_pixels", "fraction_points", "default_width", "calibrated_eps", "with_eps", "run_image",
@@ -637,7 +637,7 @@ class Editor:
             return None
         if self._fill is None:
             n = FILL_IMAGES
-            self._fill = stack_images(self.run.dataset("train", n, augment=False), n).mean(0)
+            self._fill = self.run.images("train", n).mean(0)
         return self._fill
 
     @property

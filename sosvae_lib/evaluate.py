@@ -55,7 +55,7 @@ from .distributed import resolve_device
 from .distributions import deferred_checks
 from .heads import has_factor
 from .inpaint import REAL_INPAINT_FAMILIES, RealInpaintScores
-from .pca import PCAModel, fit_pca
+from .pca import PCAModel, fit_pca, usable_rank
 from .runs import SPLITS, Run, bpd_bits, stack_images
 
 class _Scores:
@@ -409,7 +409,7 @@ def evaluate(run: Run | str | os.PathLike, split: str = "test", config: EvalConf
         result.update({key: value for key, value in face_ref.items() if key not in ("features", "net")})
     # the training images: their mean fills the hidden pixels of real inpainting; they also fit the PPCA baseline
     n_train = min(cfg.pca_train_items, trained["config"].max_items or cfg.pca_train_items)
-    train_images = stack_images(run.dataset("train", n_train, root=cfg.root, augment=False), n_train)
+    train_images = run.images("train", n_train, root=cfg.root)
     common["fill"] = train_images.mean(0)
     result.update(evaluate_model(model, images, k=cfg.k, progress=cfg.progress,
                                  diag_scale=None if calibration is None else calibration.scale, **common))
@@ -487,7 +487,7 @@ def _pca_keys(model: torch.nn.Module, config: Any, train_images: torch.Tensor, i
         skipped = f"the PPCA baseline needs at least 2 training images; the run has {train_images.shape[0]}"
         warnings.warn(f"pca: skipped, {skipped}", RuntimeWarning, stacklevel=3)
         return dict(pca_skipped=skipped)
-    rank = min(rank, min(train_images.shape[0], math.prod(train_images.shape[1:])) - 1)
+    rank = usable_rank(rank, train_images)
     fit = fit_pca(train_images.reshape(train_images.shape[0], -1).to(device), rank, seed=seed)
     out = {f"pca_{key}": value for key, value in evaluate_pca(fit, images, **common).items()}
     out["pca_rank"] = rank

@@ -65,6 +65,13 @@ class PCAModel:
         return self.mean + (xc @ self.components) @ self.components.T
 
 
+def usable_rank(rank: int, train_images: torch.Tensor) -> int:
+    """The largest rank ≤ ``rank`` a PPCA fit on ``train_images`` [N, ...] supports: min(rank, min(N, D) − 1), so
+    that σ² keeps at least one discarded direction to average over."""
+    n, d = train_images.shape[0], train_images[0].numel()
+    return min(int(rank), min(n, d) - 1)
+
+
 def fit_pca(train_images: torch.Tensor, rank: int, noise_var: float | None = None, min_noise_var: float = 1e-6,
             seed: int = 0) -> PCAModel:
     """Fit PCA / PPCA of rank R to train_images [N, D] (or [N, C, H, W], flattened channel-first).

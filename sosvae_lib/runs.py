@@ -320,8 +320,9 @@ class Run:
         return config_dataset(self.config, split, n, root=root, **options)
 
     def images(self, split: str, n: int | None = None, *, root: str | os.PathLike | None = None) -> torch.Tensor:
-        """The first ``n`` images of ``split`` (`dataset`) as float [N, C, H, W] in [0, 1]."""
-        return stack_images(self.dataset(split, n, root=root), n)
+        """The first ``n`` images of ``split`` (`dataset`) as float [N, C, H, W] in [0, 1], never flipped (the
+        training set as stored, e.g. for its mean or a PPCA fit; training draws its own flips)."""
+        return stack_images(self.dataset(split, n, root=root, augment=False), n)
 
     @property
     def bits(self) -> int | None:
