@@ -269,7 +269,9 @@ class EvalConfig:
     quantised data, `sosvae_lib.runs.data_bits`); ``calibrate`` fit the diagonal scale of a low-rank head on the
     val split (`sosvae_lib.calibration`); ``calibration_images`` val images for it (None = as many as
     ``num_images``); ``faces`` face metrics of 3-channel data when facenet-pytorch is installed
-    (`sosvae_lib.faces`); ``face_images`` generated and real images given to the face detector (~0.1 s each);
+    (`sosvae_lib.faces`); ``face_images`` generated means, samples and real test images given to the face
+    detector (~0.01 s each on a CPU; more prior draws and test images than ``num_samples`` / ``num_images`` are
+    taken when needed);
     ``device`` "cpu", "cuda", "cuda:N" or "auto"; ``root`` the data folder (None = the one the run was trained on;
     give it when the data moved); ``progress`` tqdm bars on stderr; ``write`` store the results and the calibration
     in the run folder (`sosvae_lib.runs.Run.write_evaluation`).
@@ -335,8 +337,8 @@ class EvalConfig:
 
 _EVAL_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(k=2, num_images=16, num_samples=16, batch_size=16, patch=6, pca_train_items=32, progress=False),
-    "cpu": dict(k=8, num_images=200, batch_size=50, patch=10, pca_train_items=2000, face_images=128, progress=False),
-    "gpu": dict(k=64, num_images=1000, batch_size=50, patch=10, pca_train_items=5000, device="auto",
+    "cpu": dict(k=8, num_images=200, batch_size=50, patch=10, pca_train_items=2000, face_images=512, progress=False),
+    "gpu": dict(k=64, num_images=1000, batch_size=50, patch=10, pca_train_items=5000, face_images=1000, device="auto",
                 progress=False),
     "paper": dict(k=64, num_images=1000, batch_size=25, patch=10, pca_train_items=2000, device="auto",
                   progress=False),

@@ -26,7 +26,8 @@ correction_rmse_cond, correction_nll_bpd, correction_nll_bpd_uncond (= patch10) 
 trained diagonal), val_recon_nll_bpd and val_recon_nll_bpd_calibrated (reconstruction NLL of the val images
 at s = 1 and at s), calibration_images, test_nll_bpd_calibrated (IWAE at s·d) — all None for the diagonal
 head; for CelebA-like 3-channel data with facenet-pytorch: face_rate_real, face_rate_blur2, fd_blur2,
-face_rate_means, face_rate_samples, fd_means, fd_samples (`sosvae_lib.faces`; fd is not FID);
+face_rate_means, face_rate_samples, fd_means, fd_samples (`sosvae_lib.faces`; fd is not FID), face_images (the
+real images and the prior draws each of them counts);
 spectrum_dist_mean, spectrum_dist_samples, span_angle_deg (synthetic data with a factor only), the baseline's
 keys prefixed ``pca_`` (or ``pca_skipped``, why there are none), and dataset, head, rank, latent, epochs (the
 epochs the evaluated checkpoint was trained for), epochs_planned (``TrainConfig.epochs``), complete (epochs =
@@ -183,8 +184,8 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     ``true_factor`` [D, R*] adds ``span_angle_deg`` (synthetic data). ``diag_scale`` s (a calibration,
     `sosvae_lib.calibration`) adds the keys of `calibrated_keys` at the diagonal s·d (IWAE from the same importance
     samples); None sets them to None. ``face_reference`` (`sosvae_lib.faces.face_reference`) adds the face metrics
-    of the first ``face_images`` generated means and samples. ``patch``: side of the revealed square (None:
-    `DEFAULT_PATCH`, capped at half the image's shorter side). ``fill`` (the training mean, [C, H, W] or [D]) adds
+    of the first ``face_images`` generated means and samples (drawn beyond ``num_samples`` when more). ``patch``:
+    side of the revealed square (None: `DEFAULT_PATCH`, capped at half the image's shorter side). ``fill`` (the training mean, [C, H, W] or [D]) adds
     the real-inpainting keys of `sosvae_lib.inpaint.RealInpaintScores` (z from the image with its hidden pixels
     replaced by ``fill``; the conditional at the calibrated diagonal when ``diag_scale`` is given); None sets them
     to None.
@@ -208,14 +209,15 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     out.update(dict.fromkeys(real_inpaint_keys()) if real is None else real.result(bits))
 
     m = num_samples if num_samples is not None else min(n, 500)
+    drawn = max(m, face_images) if face_reference is not None else m  # the face metrics may want more draws
     gen_means, gen_samples = [], []
-    for start in range(0, m, batch_size):
-        b = min(batch_size, m - start)
+    for start in range(0, drawn, batch_size):
+        b = min(batch_size, drawn - start)
         obs = model.decode(M.host_to(torch.randn(b, model.latent_dim, generator=gen), device))
         gen_means.append(obs.loc.detach())
         gen_samples.append(_draw(obs, gen))
     means_t, samples_t = torch.cat(gen_means), torch.cat(gen_samples)
-    out.update(_generation_metrics(means_t, samples_t, images.reshape(n, d), image_shape))
+    out.update(_generation_metrics(means_t[:m], samples_t[:m], images.reshape(n, d), image_shape))
     if face_reference is not None:
         out.update(_face_metrics(means_t[:face_images], samples_t[:face_images], image_shape, face_reference))
     if factors:
@@ -398,7 +400,8 @@ def evaluate(run: Run | str | os.PathLike, split: str = "test", config: EvalConf
     face_ref = None
     if cfg.faces and images.shape[1] == 3 and faces.available():
         net = faces.FaceNet(device=device)
-        face_ref = dict(faces.face_reference(images[:cfg.face_images], net), net=net)
+        real = images if images.shape[0] >= cfg.face_images else run.images(split, cfg.face_images, root=cfg.root)
+        face_ref = dict(faces.face_reference(real[:cfg.face_images], net), net=net)
     truth = getattr(dataset, "ground_truth", None)
     common = dict(num_samples=cfg.num_samples, batch_size=cfg.batch_size, patch=cfg.patch, seed=cfg.seed,
                   dequantize=dequantize, bits=bpd_bits(bits), face_reference=face_ref, face_images=cfg.face_images,
@@ -407,6 +410,7 @@ def evaluate(run: Run | str | os.PathLike, split: str = "test", config: EvalConf
     result.update(_calibration_keys(calibration))
     if face_ref is not None:
         result.update({key: value for key, value in face_ref.items() if key not in ("features", "net")})
+        result["face_images"] = int(face_ref["features"].shape[0])
     # the training images: their mean fills the hidden pixels of real inpainting; they also fit the PPCA baseline
     n_train = min(cfg.pca_train_items, trained["config"].max_items or cfg.pca_train_items)
     train_images = run.images("train", n_train, root=cfg.root)

@@ -214,6 +214,25 @@ def test_face_metrics_on_cuda_match_the_cpu():
         assert dev[key] == pytest.approx(cpu[key], rel=1e-5), key
 
 
+def test_face_metrics_draw_beyond_the_generation_metrics(monkeypatch):
+    """issue 19: the face metrics count ``face_images`` prior draws even when fewer images are scored (512 faces on
+    200 test images in the cpu preset): the first draws and every other metric are those of a shorter run."""
+    import sosvae_lib.evaluate as E
+
+    seen = []
+    monkeypatch.setattr(E, "_face_metrics", lambda means, samples, shape, ref: seen.append((means, samples)) or {})
+    model, images = _model(), _images(4, 6)
+    opts = dict(k=1, batch_size=4, patch=4, seed=0, face_reference={"net": None})
+    short = evaluate_model(model, images, face_images=4, **opts)
+    long = evaluate_model(model, images, face_images=10, **opts)
+    (means4, samples4), (means10, samples10) = seen
+    assert means4.shape[0] == samples4.shape[0] == 4 and means10.shape[0] == samples10.shape[0] == 10
+    assert torch.equal(means10[:4], means4) and torch.equal(samples10[:4], samples4)
+    assert short == long
+    plain = evaluate_model(model, images, face_images=10, **dict(opts, face_reference=None))
+    assert plain == short and len(seen) == 2  # no face reference: no extra draws, the same numbers
+
+
 def _planted_ppca_data(n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(48, 4, generator=gen, dtype=torch.float64)).Q
