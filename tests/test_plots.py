@@ -285,16 +285,17 @@ def test_plan_per_scale():
                                      "celeba-pretrain", "celeba-lowrank-r25", "celeba-lowrank-diag-r25",
                                      "celeba-diagonal"]
     assert [v.name for v in cpu if v.main] == ["orl-lowrank-r25", "fashion-mnist-lowrank-r25", "celeba-lowrank-r25"]
-    assert sum(v.minutes for v in cpu) <= 45  # training; evaluation and notebooks take the rest of the hour
-    # celeba: one shared mean pre-training (4 epochs), then 5 epochs of each head started from it
+    assert sum(v.minutes for v in cpu) <= 48  # training at ~100 s per CelebA epoch (74 measured idle); evaluation
+    # and notebooks took ~5 of the 60 minutes
+    # celeba: one shared mean pre-training (6 epochs), then 5 epochs of each head started from it
     pre, *heads = [v for v in cpu if v.dataset == "celeba"]
-    assert pre.pretrain and pre.config().epochs == pre.config().pretrain_epochs == 4
+    assert pre.pretrain and pre.config().epochs == pre.config().pretrain_epochs == 6
     assert {v.head for v in heads} == {"lowrank", "lowrank-diag", "diagonal"}
     for v in heads:
         c = v.config(None, "/r/runs")
         assert c.max_items is None and c.epochs == 5 and c.pretrain_epochs == 0
-        assert c.init_from == "/r/runs/celeba-pretrain" and c.target_kl == 15.0
-        assert c.replace(init_from=None, pretrain_epochs=4, epochs=4, head="lowrank") == pre.config()
+        assert c.init_from == "/r/runs/celeba-pretrain" and c.target_kl == 10.0 and pre.config().target_kl == 15.0
+        assert c.replace(init_from=None, pretrain_epochs=6, epochs=6, head="lowrank", target_kl=15.0) == pre.config()
     for v in cpu:  # every planned configuration is valid
         c = v.config()
         assert c.dataset == v.dataset and c.head == v.head
