@@ -354,6 +354,8 @@ def evaluate_pca(fit: PCAModel, images: torch.Tensor, *, num_samples: int | None
     samples = _draw(dist, gen)
     out.update(_generation_metrics(dist.loc, samples, images.reshape(n, d).double(), image_shape))
     if face_reference is not None:
+        if face_images > m:  # the face metrics count face_images draws, as for the model; the first m as above
+            samples = torch.cat([samples, _draw(fit.distribution(face_images - m, dtype=torch.float64), gen)])
         out.update(_face_metrics(dist.loc[:1], samples[:face_images], image_shape, face_reference))
     if true_factor is not None:
         out["span_angle_deg"] = M.span_angle_deg(fit.components, true_factor.double().to(device))

@@ -231,6 +231,12 @@ def test_face_metrics_draw_beyond_the_generation_metrics(monkeypatch):
     assert short == long
     plain = evaluate_model(model, images, face_images=10, **dict(opts, face_reference=None))
     assert plain == short and len(seen) == 2  # no face reference: no extra draws, the same numbers
+    # the PPCA baseline likewise (its "means" are the one global mean)
+    fit = P.fit_pca(_images(20, 7).reshape(20, -1).double(), 3)
+    pca_opts = {key: value for key, value in opts.items() if key != "k"}
+    short, long = (evaluate_pca(fit, images, face_images=f, **pca_opts) for f in (4, 10))
+    (_, pca4), (_, pca10) = seen[2:]
+    assert pca4.shape[0] == 4 and pca10.shape[0] == 10 and torch.equal(pca10[:4], pca4) and short == long
 
 
 def _planted_ppca_data(n: int, seed: int) -> torch.Tensor:
