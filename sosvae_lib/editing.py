@@ -564,6 +564,20 @@ class Editor:
         ``size`` (width, height) of the displayed canvas. Points outside the canvas (the pointer leaving it) are
         dropped; the rest go through `screen_to_pixel` to `paint`. Returns the new image, or None when no point
         was inside (nothing painted). The widget's mouse-release handler calls this."""
+        inside = self._screen_points(points, size)
+        return self.paint(inside, value, width) if inside else None
+
+    def screen_erase(self, points: Sequence[Sequence[float]], size: Sequence[float],
+                     width: int | None = None) -> torch.Tensor | None:
+        """`erase_and_fill` of a stroke drawn on screen (``points`` and ``size`` as in `screen_stroke`, brush
+        ``width`` in image pixels). Returns the new image, or None when no point was inside (nothing erased). The
+        widget's mouse-release handler calls this when its brush is "erase and fill"."""
+        inside = self._screen_points(points, size)
+        return self.erase_and_fill(inside, width) if inside else None
+
+    def _screen_points(self, points: Sequence[Sequence[float]], size: Sequence[float]) -> list[tuple[float, float]]:
+        """The points (row, col) in pixel units (`screen_to_pixel`) of the screen ``points`` inside a canvas of CSS
+        ``size``; points outside are dropped."""
         canvas_w, canvas_h = _canvas_size(size)
         inside = []
         for k, p in enumerate(points):
@@ -572,9 +586,12 @@ class Editor:
             x, y = _finite_number("points", p[0]), _finite_number("points", p[1])
             if 0.0 <= x < canvas_w and 0.0 <= y < canvas_h:
                 inside.append(screen_to_pixel(x, y, (canvas_w, canvas_h), self.hw))
-        if not inside:
-            return None
-        return self.paint(inside, value, width)
+        return inside
+
+    @property
+    def can_erase(self) -> bool:
+        """Whether `erase_and_fill` applies: a model and a loaded image (a tensor or a test index)."""
+        return self.model is not None and self._loaded is not None
 
     def erase_and_fill(self, points: Any = None, width: int | None = None, *, mask: Any = None,
                        fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -590,7 +607,7 @@ class Editor:
         every pixel is refused. Returns the new `image`."""
         from .inpaint import inpaint  # real inpainting: x̂ = where(kept, x, fill) is all the model ever sees
 
-        if self.model is None or self._loaded is None:
+        if not self.can_erase:
             raise ValueError("image: erase_and_fill needs a model and a loaded image (a tensor or a test index); "
                              "this editor shows a prior draw or was given a distribution")
         c, h, w = self.image_shape

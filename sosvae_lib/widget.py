@@ -1,6 +1,7 @@
 """The Jupyter widget of the editor (anywidget + ipywidgets, the ``notebooks`` extra): `EditorUI` over a
 `sosvae_lib.editing.Editor`, display it as a notebook cell's result. Every handler calls the `Editor` API (a mouse
-release `Editor.screen_stroke`, the buttons `undo` / `reset` / `samples`, the ε switch `set_eps`, the sliders
+release `Editor.screen_stroke` (or `Editor.screen_erase` with the "erase and fill" brush), the buttons
+`undo` / `reset` / `samples`, the ε switch `set_eps`, the sliders
 `explore`), so everything the widget shows is what the editor computes without a frontend.
 
 The browser side is ``widget.js`` (package data, read with `importlib.resources`, so it is found from a wheel and
@@ -86,13 +87,16 @@ def _canvas_class():
 class EditorUI:
     """The editor's widget (display it as a cell's result). Tab "edit": the image, drawn ``scale``× enlarged
     (default: about 512 CSS pixels a side), on which a left-button drag paints a stroke; brush width and grey
-    level (or colour); undo, reset, sample (``n_samples`` conditional samples beside the image); the switch
+    level (or colour); the tool "paint" or "erase and fill" (real inpainting of the stroke's pixels,
+    `Editor.erase_and_fill`; shown when the editor holds a model and a loaded image, `Editor.can_erase`); undo,
+    reset, sample (``n_samples`` conditional samples beside the image); the switch
     between the trained and the calibrated ε (hidden without calibration); a status line. Tab "principal
     directions": one slider per principal direction of P Pᵀ (the first ``max_directions``; None: all R) from −3
     to +3 standard deviations around the current image.
 
-    The painted pixels are outlined (unless "outline strokes" is unticked). Every handler calls the `Editor` API:
-    a mouse release calls `Editor.screen_stroke` (`_on_canvas_msg`), the buttons `undo`, `reset`, `samples`, the
+    The painted pixels are outlined (unless "outline strokes" is unticked), or the erased ones once something was
+    erased. Every handler calls the `Editor` API: a mouse release calls `Editor.screen_stroke` (`_on_canvas_msg`;
+    `Editor.screen_erase` with the "erase and fill" tool), the buttons `undo`, `reset`, `samples`, the
     switch `set_eps`, the sliders `explore`. ``last_update_ms`` is the time of the latest handler, from its call to
     the new image bytes set on the canvas.
     """
@@ -137,6 +141,10 @@ class EditorUI:
         self.undo_button = W.Button(description="undo", icon="undo")
         self.reset_button = W.Button(description="reset", icon="refresh")
         self.sample_button = W.Button(description=f"sample {self.n_samples}", icon="random")
+        self.tool = W.ToggleButtons(options=[("paint", "paint"), ("erase and fill", "erase")], value="paint",
+                                    description="brush")
+        self.tool.layout.display = None if self.editor.can_erase else "none"
+        self.tool.disabled = not self.editor.can_erase
         self.undo_button.on_click(lambda _: self._update(self.editor.undo))
         self.reset_button.on_click(lambda _: self._update(self.editor.reset))
         self.sample_button.on_click(lambda _: self.sample())
@@ -150,7 +158,7 @@ class EditorUI:
         return W.VBox([
             W.HBox([self.canvas, W.VBox([W.HTML("<b>samples from p(x | strokes)</b>"), self.sample_canvas])],
                    layout=W.Layout(align_items="flex-start")),
-            W.HBox([self.width_slider, self.value_picker]),
+            W.HBox([self.width_slider, self.value_picker]), self.tool,
             W.HBox([self.undo_button, self.reset_button, self.sample_button, self.outline_box]),
             self.eps_switch, self.status])
 
@@ -206,8 +214,11 @@ class EditorUI:
         """The mouse-release handler: {type: "stroke", points: [[x, y], ...], size: [width, height]}."""
         if not isinstance(content, Mapping) or content.get("type") != "stroke":
             return
-        self._update(lambda: self.editor.screen_stroke(content.get("points", []), content.get("size"),
-                                                       self._brush_value(), self.width_slider.value))
+        points, size, width = content.get("points", []), content.get("size"), self.width_slider.value
+        if self.tool.value == "erase":
+            self._update(lambda: self.editor.screen_erase(points, size, width))
+        else:
+            self._update(lambda: self.editor.screen_stroke(points, size, self._brush_value(), width))
 
     def _on_eps(self, change: Mapping[str, Any]) -> None:
         eps = self.editor.calibrated if change["new"] == "calibrated" else None
@@ -223,8 +234,12 @@ class EditorUI:
         self.sample_canvas.rgba = to_rgba(s)
 
     def _draw_mask(self) -> None:
+        """Outline the painted pixels, or the erased ones once something was erased (every kept pixel is then
+        fixed, so the painted mask would cover the whole image)."""
+        erased = self.editor.erased
+        mask = self.editor.mask[0] if erased is None else erased[0]
         show = self.outline_box.value and bool(self.editor.strokes)
-        self.canvas.mask = self.editor.mask[0].to(torch.uint8).cpu().numpy().tobytes() if show else b""
+        self.canvas.mask = mask.to(torch.uint8).cpu().numpy().tobytes() if show else b""
 
     def _on_slider(self, _change: Any = None) -> None:
         if self.sliders:
@@ -264,9 +279,12 @@ class EditorUI:
         e = self.editor
         painted = int(e.mask[0].sum())
         eps = "trained ε" if e.eps is None else f"ε = {e.eps:.3g}"
-        self.status.value = (f"<small>{e.strokes} stroke{'s' if e.strokes != 1 else ''} · {painted} pixel"
-                             f"{'s' if painted != 1 else ''} painted · {eps} · R = {e.rank} · "
-                             f"update {self.last_update_ms:.1f} ms</small>")
+        what = f"{painted} pixel{'s' if painted != 1 else ''} painted"
+        if e.erased is not None:
+            erased = int(e.erased[0].sum())
+            what = f"{erased} pixel{'s' if erased != 1 else ''} erased and filled"
+        self.status.value = (f"<small>{e.strokes} stroke{'s' if e.strokes != 1 else ''} · {what} · {eps} · "
+                             f"R = {e.rank} · update {self.last_update_ms:.1f} ms</small>")
 
     def _repr_mimebundle_(self, **kwargs: Any):
         return self.tabs._repr_mimebundle_(**kwargs)

@@ -160,7 +160,7 @@ def _canvas_pixels(driver, canvas) -> list[int]:
 def _status(driver) -> str:
     return driver.execute_script(
         "const s = [...document.querySelectorAll('.widget-html-content small')].map(e => e.textContent)"
-        ".filter(t => t.includes('painted')); return s.length ? s[0] : '';")
+        ".filter(t => t.includes(' · R = ')); return s.length ? s[0] : '';")
 
 
 def _session_kernel(base: str, token: str, name: str) -> tuple[str | None, str | None]:
@@ -303,4 +303,17 @@ def test_the_editor_paints_in_the_browser(frontend, server, browser, run_dir, tm
     if target and frontend == "lab":
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, target)
+    # the "erase and fill" brush: a drag along the chin erases those pixels and fills them by real inpainting
+    browser.find_element(By.XPATH, "//button[normalize-space(.)='erase and fill']").click()
+    r3, c3a, c3b = int(0.85 * h), int(0.3 * w), int(0.7 * w)
+    v = int(canvas.get_attribute("data-version"))
+    _drag(browser, canvas, rect, [at(r3, c3a), at(r3, c3b)])
+    try:
+        wait.until(lambda d: int(canvas.get_attribute("data-version")) > v and "erased and filled" in _status(d))
+    except TimeoutException:
+        _fail(browser, root, tmp_path, f"no erase after the drag; status {_status(browser)!r}, version "
+                                       f"{canvas.get_attribute('data-version')} (was {v})")
+    erased = E.stroke_pixels([(r3, c3a), (r3, c3b)], (h, w), width)
+    assert f"· {int(erased.sum())} pixels erased and filled" in _status(browser), _status(browser)
+    assert _canvas_pixels(browser, canvas) != after
     assert time.perf_counter() - t0 < 150

@@ -84,3 +84,47 @@ def test_erase_and_fill_names_its_bad_arguments(run):
     with pytest.raises(ValueError, match="every pixel"):
         ed.erase_and_fill(mask=torch.ones(h, w, dtype=torch.bool))
     assert ed.erased is None and ed.strokes == 0  # a refused call changes nothing
+
+
+def test_screen_erase_is_erase_and_fill_of_the_screen_points(run):
+    x = _image(run)
+    c, h, w = x.shape
+    size = (4 * w, 4 * h)  # the canvas shown 4× enlarged
+    ed = Editor(run, image=x)
+    assert ed.can_erase and not Editor(run).can_erase
+    assert ed.screen_erase([[-5.0, 3.0], [4 * w + 1.0, 3.0]], size) is None  # every point outside: nothing
+    assert ed.erased is None and ed.strokes == 0
+    points = [[2.0, 4 * h - 6.0], [4 * w - 3.0, 4 * h - 6.0]]  # along the bottom row band, in CSS pixels
+    got = ed.screen_erase(points, size, width=3)
+    want = Editor(run, image=x)
+    want.erase_and_fill([(h - 1.5, 0.5), (h - 1.5, w - 0.75)], width=3)  # screen_to_pixel of the same points
+    assert torch.equal(got, want.image) and torch.equal(ed.erased, want.erased)
+    assert int(ed.erased[0].sum()) > 0 and not ed.erased[:, : h // 2].any()
+    with pytest.raises(ValueError, match="image"):
+        Editor(run).screen_erase(points, size)
+
+
+def test_the_widget_erases_and_fills_with_its_erase_brush(run):
+    pytest.importorskip("anywidget")
+    from sosvae_lib import widget as Wd
+
+    x = _image(run)
+    c, h, w = x.shape
+    ui = Wd.EditorUI(Editor(run, image=x), n_samples=2, scale=4)
+    assert ui.tool.layout.display is None and not ui.tool.disabled and ui.tool.value == "paint"
+    ui.tool.value = "erase"
+    ui.width_slider.value = 3
+    points = [[2.0, 4 * h - 6.0], [4 * w - 3.0, 4 * h - 6.0]]
+    ui._on_canvas_msg(ui.canvas, {"type": "stroke", "points": points, "size": [4 * w, 4 * h]})
+    want = Editor(run, image=x)
+    want.screen_erase(points, (4 * w, 4 * h), width=3)
+    assert torch.equal(ui.editor.image, want.image) and torch.equal(ui.editor.erased, want.erased)
+    assert ui.canvas.rgba == Wd.to_rgba(want.image.unsqueeze(0))
+    assert ui.canvas.mask == want.erased[0].to(torch.uint8).numpy().tobytes()  # the erased pixels are outlined
+    assert f"{int(want.erased[0].sum())} pixels erased and filled" in ui.status.value
+    assert ui.sample_canvas.rgba == Wd.to_rgba(ui.editor.samples(2, ui.editor.seed))  # samples of the filled image
+    ui.tool.value = "paint"  # back to painting: a stroke conditions on the kept and the filled pixels
+    ui._on_canvas_msg(ui.canvas, {"type": "stroke", "points": [[2.0, 2.0]], "size": [4 * w, 4 * h]})
+    assert ui.editor.strokes == 2 and torch.equal(ui.editor.erased, want.erased)
+    hidden = Wd.EditorUI(Editor(run), n_samples=1)  # a prior draw: nothing to erase, the tool is hidden
+    assert hidden.tool.layout.display == "none" and hidden.tool.disabled
