@@ -60,10 +60,17 @@ def test_bench_train_bad_arguments(argv, message):
 def test_gpu_reproduction_plan():
     variants = reproduce.plan("gpu")
     names = [v.name for v in variants]
-    assert len(names) == len(set(names)) == 14
-    celeba = [v for v in variants if v.group == "celeba"]
+    assert len(names) == len(set(names)) == 16
+    celeba = [v for v in variants if v.group == "celeba" and not v.pretrain]
     assert sorted(v.rank for v in celeba if v.head == "lowrank") == [1, 5, 10, 25, 50]
     assert {v.head for v in celeba} == {"lowrank", "lowrank-diag", "diagonal"}
+    # each CelebA group: one shared mean pre-training of 10 epochs, then 30 epochs per head started from it
+    for group in ("celeba", "celeba109x89"):
+        pre, *heads = [v for v in variants if v.group == group]
+        assert pre.pretrain and pre.name == f"{group}-pretrain" and pre.config().pretrain_epochs == 10
+        assert all(h.init_from == pre.name and h.config().epochs == 30 and h.config().pretrain_epochs == 0
+                   for h in heads)
+    assert not any(v.init_from or v.pretrain for v in variants if v.group in ("orl", "fashion-mnist"))
     assert [v.name for v in variants if v.main] == ["celeba-lowrank-r25", "celeba109x89-lowrank-r25",
                                                      "orl-lowrank-r25", "fashion-mnist-lowrank-r25"]
     for v in variants:

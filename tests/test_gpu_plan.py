@@ -279,7 +279,7 @@ def test_shrunk_plan_keeps_each_variant_s_own_parameters():
         big, tiny = v.config(), reproduce.shrink_variant(v).config()
         assert reproduce.shrink_variant(v).name == v.name
         assert type(tiny.image_size) is type(big.image_size) and max(image_hw(tiny.image_size)) == 16
-        assert (tiny.epochs, tiny.pretrain_epochs, tiny.max_items) == (1, 0, 16) and tiny.batch_size <= 8
+        assert (tiny.epochs, tiny.pretrain_epochs, tiny.max_items) == (1, int(v.pretrain), 16) and tiny.batch_size <= 8
         for field in ("dataset", "head", "rank", "latent", "data_on_device", "device", "precision", "levels"):
             assert getattr(tiny, field) == getattr(big, field), field
     tiny = {v.group: reproduce.shrink_variant(v).config().image_size for v in reproduce.plan("gpu")}
@@ -358,7 +358,7 @@ def test_every_gpu_plan_variant_runs_through_the_notebooks(tmp_path):
     status = json.loads((d / "reproduce.json").read_text())
     assert (rc, status["failed"], status["skipped"]) == (0, [], [])
     plan = reproduce.plan("gpu")
-    assert set(status["runs"]) == {v.name for v in plan} and len(plan) == 14
+    assert set(status["runs"]) == {v.name for v in plan} and len(plan) == 16
     assert sorted({v.group for v in plan}) == ["celeba", "celeba109x89", "fashion-mnist", "orl"]
     executed = sorted(p.name for p in (d / "notebooks").glob("*.ipynb"))
     assert executed == sorted([f"01_train-{v.name}.ipynb" for v in plan] + ["05_metrics.ipynb"]
@@ -366,12 +366,12 @@ def test_every_gpu_plan_variant_runs_through_the_notebooks(tmp_path):
                                  for nb in ("02_samples", "03_editing", "04_components", "06_editor")])
     for v in plan:  # each run was trained with the variant's own parameters, types included
         stored = json.loads((d / "runs" / v.name / "config.json").read_text())
-        want = reproduce.shrink_variant(v).config(stored["root"]).replace(device="cpu").to_dict()
+        want = reproduce.shrink_variant(v).config(stored["root"], d / "runs").replace(device="cpu").to_dict()
         assert stored == want, v.name
         assert stored["data_on_device"] is True and stored["latent"] == 128 and Path(stored["root"]).is_absolute()
         n = json.loads((d / "figures" / f"{v.name}_training.json").read_text())
         assert n["complete"] is True and n["epochs"] == 1 and n["rank"] == (0 if v.head == "diagonal" else v.rank)
-        assert (d / "runs" / v.name / "eval_test.json").is_file()
+        assert (d / "runs" / v.name / "eval_test.json").is_file() is not v.pretrain  # a pre-training is not scored
     assert json.loads((d / "runs" / "celeba109x89-lowrank-r25" / "config.json").read_text())["image_size"] == [16, 13]
     # the executed training notebook received the whole configuration, the (H, W) size as a list
     nb = json.loads((d / "notebooks" / "01_train-celeba109x89-lowrank-r25.ipynb").read_text())
