@@ -185,10 +185,10 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, *, k: int = 8, 
     `sosvae_lib.calibration`) adds the keys of `calibrated_keys` at the diagonal s·d (IWAE from the same importance
     samples); None sets them to None. ``face_reference`` (`sosvae_lib.faces.face_reference`) adds the face metrics
     of the first ``face_images`` generated means and samples (drawn beyond ``num_samples`` when more). ``patch``:
-    side of the revealed square (None: `DEFAULT_PATCH`, capped at half the image's shorter side). ``fill`` (the training mean, [C, H, W] or [D]) adds
-    the real-inpainting keys of `sosvae_lib.inpaint.RealInpaintScores` (z from the image with its hidden pixels
-    replaced by ``fill``; the conditional at the calibrated diagonal when ``diag_scale`` is given); None sets them
-    to None.
+    side of the revealed square (None: `DEFAULT_PATCH`, capped at half the image's shorter side). ``fill`` (the
+    training mean, [C, H, W] or [D]) adds the real-inpainting keys of `sosvae_lib.inpaint.RealInpaintScores` (z from
+    the image with its hidden pixels replaced by ``fill``; the conditional at the calibrated diagonal when
+    ``diag_scale`` is given); None sets them to None.
 
     Everything runs on the model's device; the randomness (seeded by ``seed``) is drawn on the CPU, so a seed gives
     the same numbers on every device. Per-image results stay on the device and are read back once at the end."""

@@ -220,8 +220,8 @@ def shrink_variant(v: Variant) -> Variant:
     else:
         size = side
     tiny = dict(image_size=size, max_items=min(c.max_items or _SHRINK["max_items"], _SHRINK["max_items"]),
-                epochs=_SHRINK["epochs"], pretrain_epochs=_SHRINK["epochs"] if v.pretrain else 0, batch_size=min(c.batch_size, _SHRINK["batch_size"]),
-                width=min(c.width, _SHRINK["width"]))
+                epochs=_SHRINK["epochs"], pretrain_epochs=_SHRINK["epochs"] if v.pretrain else 0,
+                batch_size=min(c.batch_size, _SHRINK["batch_size"]), width=min(c.width, _SHRINK["width"]))
     overrides = tuple(sorted({**dict(v.overrides), **tiny}.items()))
     return dataclasses.replace(v, overrides=overrides, minutes=0.05)
 

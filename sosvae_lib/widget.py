@@ -277,12 +277,13 @@ class EditorUI:
         if self.tabs.selected_index == 1:
             self._refresh_directions()
         e = self.editor
-        painted = int(e.mask[0].sum())
         eps = "trained ε" if e.eps is None else f"ε = {e.eps:.3g}"
-        what = f"{painted} pixel{'s' if painted != 1 else ''} painted"
-        if e.erased is not None:
-            erased = int(e.erased[0].sum())
-            what = f"{erased} pixel{'s' if erased != 1 else ''} erased and filled"
+        erased = e.erased  # a copy: read once
+        if erased is None:
+            count, verb = int(e.mask[0].sum()), "painted"
+        else:
+            count, verb = int(erased[0].sum()), "erased and filled"
+        what = f"{count} pixel{'s' if count != 1 else ''} {verb}"
         self.status.value = (f"<small>{e.strokes} stroke{'s' if e.strokes != 1 else ''} · {what} · {eps} · "
                              f"R = {e.rank} · update {self.last_update_ms:.1f} ms</small>")
 
